@@ -1,0 +1,9 @@
+"""Exit strategies. Add one: subclass PlannedExit or DynamicExit, add conf/exit/<name>.yaml."""
+
+from raee.exits.base import BatchContext, DynamicExit, ExitStrategy, PlannedExit
+from raee.exits.entropy import EntropyExit, prediction_entropy
+from raee.exits.patience import PatienceExit
+from raee.exits.simple import FixedLayer, FullModel, OracleExit
+
+__all__ = ["BatchContext", "DynamicExit", "ExitStrategy", "PlannedExit", "EntropyExit", "PatienceExit",
+           "FixedLayer", "FullModel", "OracleExit", "prediction_entropy"]

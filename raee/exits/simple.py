@@ -1,0 +1,49 @@
+"""Bounds and references: the full model, a fixed exit layer, and the oracle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from raee.backbones.base import LayerState
+from raee.exits.base import BatchContext, DynamicExit, PlannedExit, check_layer
+
+
+class FullModel(PlannedExit):
+    """Every example runs all L layers: the reference for accuracy and wall-clock speed-ups."""
+
+    name = "full"
+
+    def plan(self, state: LayerState, ctx: BatchContext) -> torch.Tensor:
+        return torch.full((state.batch_size,), ctx.num_layers, dtype=torch.long, device=state.hidden.device)
+
+
+class FixedLayer(PlannedExit):
+    """Every example exits at ``layer`` (0 = embeddings only)."""
+
+    name = "fixed"
+
+    def __init__(self, layer: int) -> None:
+        self.layer = int(layer)
+
+    def validate(self, num_layers: int) -> None:
+        check_layer(self.layer, num_layers, "exit.layer")
+
+    def knobs(self) -> dict[str, Any]:
+        return {"layer": self.layer}
+
+    def plan(self, state: LayerState, ctx: BatchContext) -> torch.Tensor:
+        return torch.full((state.batch_size,), self.layer, dtype=torch.long, device=state.hidden.device)
+
+
+class OracleExit(DynamicExit):
+    """Exit at the earliest layer whose prediction is correct (reads the labels: an upper bound,
+    not a method); examples no layer gets right run to the last layer."""
+
+    name = "oracle"
+
+    def should_exit(self, layer: int, logits: torch.Tensor, active: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        if ctx.labels is None:
+            raise ValueError("the oracle exit needs labels; the data split has none")
+        return logits.argmax(-1) == ctx.labels.to(logits.device)[active]

@@ -1,0 +1,164 @@
+"""Run one experiment without Hydra: fit the head if needed, evaluate the strategy and the full
+model on the same data, and write the summary and per-example predictions.
+
+``raee.run`` builds the objects from Hydra configs and calls :func:`run_experiment`; notebooks
+and scripts can call it directly with plain objects.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+import raee
+from raee.atomic import atomic_write_text
+from raee.backbones.base import LayerwiseBackbone
+from raee.exits.base import ExitStrategy
+from raee.exits.simple import FullModel
+from raee.heads.base import Head
+from raee.module import EarlyExitModule
+
+#: columns of predictions.csv
+PREDICTION_COLUMNS = ("index", "label", "prediction", "exit_layer", "confidence")
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    """Short stable hash of a JSON-able description (cache keys)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_description(datamodule: Any) -> dict[str, Any]:
+    train = datamodule.split("train")
+    return {"name": getattr(datamodule, "name", type(datamodule).__name__), "seed": getattr(datamodule, "seed", None),
+            "train_size": len(train), "label_names": list(datamodule.label_names)}
+
+
+def prepare_head(backbone: LayerwiseBackbone, head: Head, datamodule: Any, cache_dir: str | Path | None = None,
+                 progress: bool = True) -> None:
+    """Bind ``head`` to the backbone and fit it on the training split (cached by content on disk)."""
+    head.bind(backbone, list(datamodule.label_names))
+    if not head.needs_fit:
+        return
+    checkpoint = getattr(head, "checkpoint", None)
+    if checkpoint and (Path(checkpoint) / "head.json").exists():
+        head.load(checkpoint, backbone) if _takes_backbone(head.load) else head.load(checkpoint)
+        return
+    key = fingerprint({"backbone": backbone.describe(), "head": head.describe(), "data": data_description(datamodule)})
+    target = Path(checkpoint) if checkpoint else (Path(cache_dir) / "heads" / key if cache_dir else None)
+    if target is not None and (target / "head.json").exists():
+        head.load(target, backbone) if _takes_backbone(head.load) else head.load(target)
+        return
+    head.fit(backbone, datamodule, progress=progress)
+    if target is not None:
+        head.save(target, backbone) if _takes_backbone(head.save) else head.save(target)
+
+
+def _takes_backbone(method: Any) -> bool:
+    import inspect
+
+    return "backbone" in inspect.signature(method).parameters
+
+
+def evaluate(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, datamodule: Any,
+             trainer_kwargs: dict[str, Any] | None = None, logger: Any = None, warmup_batches: int = 1
+             ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``trainer.test`` of one strategy over the test split; returns (results, per-example columns)."""
+    strategy.prepare(backbone, head)
+    module = EarlyExitModule(backbone, head, strategy, warmup_batches=warmup_batches)
+    kwargs = dict(accelerator="cpu", devices=1, logger=logger or False, enable_checkpointing=False,
+                  enable_model_summary=False, enable_progress_bar=True)
+    kwargs.update(trainer_kwargs or {})
+    trainer = L.Trainer(**kwargs)
+    trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
+    return module.results(), module.predictions()
+
+
+def build_summary(results: dict[str, Any], strategy: ExitStrategy, backbone: LayerwiseBackbone, head: Head,
+                  datamodule: Any, full: dict[str, Any] | None, *, run_name: str, seed: int, split: str = "test",
+                  task_metric: str | None = None) -> dict[str, Any]:
+    """The flat summary every strategy reports, so that one table holds them all."""
+    task_metric = task_metric or getattr(datamodule, "task_metric", "accuracy") or "accuracy"
+    full_time = full["wall_time_s"] if full else None
+    summary = {
+        "run_name": run_name, "method": strategy.name, "knobs": strategy.knobs(),
+        "dataset": getattr(datamodule, "name", None), "split": split, "backbone": backbone.name,
+        "head": head.describe().get("type"), "num_layers": backbone.num_layers,
+        "num_examples": results["num_examples"], "seed": seed, "task_metric": task_metric,
+        "task_metric_value": results.get(task_metric),
+        "accuracy": results.get("accuracy"), "macro_f1": results.get("macro_f1"), "mcc": results.get("mcc"),
+        "mean_exit_layer": results["mean_exit_layer"], "layer_speedup": results["layer_speedup"],
+        "layers_saved": results["layers_saved"], "flops_speedup": results.get("flops_speedup"),
+        "wall_time_s": results["wall_time_s"], "throughput": results["throughput"],
+        "full_wall_time_s": full_time,
+        "wall_speedup": full_time / results["wall_time_s"] if full_time and results["wall_time_s"] else None,
+        "full_accuracy": full.get("accuracy") if full else None,
+        "retrieval_time_s": results["retrieval_time_s"], "retrieval_share": results["retrieval_share"],
+        "timings": results.get("timings", {}), "exit_layer_counts": results["exit_layer_counts"],
+        "status": "ok", "version": raee.__version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+
+
+def write_outputs(output_dir: str | Path, summary: dict[str, Any], columns: dict[str, torch.Tensor]) -> None:
+    """summary.json and predictions.csv, each written atomically."""
+    output_dir = Path(output_dir)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(PREDICTION_COLUMNS)
+    rows = zip(*(columns[c].tolist() for c in PREDICTION_COLUMNS))
+    writer.writerows((i, y, p, e, f"{c:.6f}") for i, y, p, e, c in rows)
+    atomic_write_text(output_dir / "predictions.csv", buf.getvalue())
+    atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A few human-readable lines for the console."""
+    def f(v: Any, fmt: str = ".4f") -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    lines = [
+        f"method={summary['method']} {summary['knobs']}  backbone={summary['backbone']}  head={summary['head']}  "
+        f"data={summary['dataset']} ({summary['num_examples']} examples)",
+        f"  {summary['task_metric']}: {f(summary['task_metric_value'])}   accuracy: {f(summary['accuracy'])}"
+        f"   (full model: {f(summary['full_accuracy'])})",
+        f"  mean exit layer: {f(summary['mean_exit_layer'], '.2f')} / {summary['num_layers']}"
+        f"   layer speed-up: {f(summary['layer_speedup'], '.2f')}x",
+        f"  wall-clock: {f(summary['wall_time_s'], '.3f')} s   full model: {f(summary['full_wall_time_s'], '.3f')} s"
+        f"   speed-up: {f(summary['wall_speedup'], '.2f')}x   throughput: {f(summary['throughput'], '.1f')} ex/s",
+        f"  retrieval: {f(summary['retrieval_time_s'], '.3f')} s ({f((summary['retrieval_share'] or 0) * 100, '.1f')}% "
+        f"of wall-clock)   exits per layer: {summary['exit_layer_counts']}",
+    ]
+    return "\n".join(lines)
+
+
+def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, datamodule: Any, *,
+                   output_dir: str | Path, run_name: str = "run", seed: int = 42, compare_full: bool = True,
+                   cache_dir: str | Path | None = "artifacts/cache", trainer_kwargs: dict[str, Any] | None = None,
+                   logger: Any = None, warmup_batches: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Everything one run does; returns the summary (also written to ``output_dir``)."""
+    L.seed_everything(seed, workers=True, verbose=False)
+    datamodule.setup("test")
+    strategy.validate(backbone.num_layers)  # fail on bad knobs before any expensive work
+    prepare_head(backbone, head, datamodule, cache_dir=cache_dir, progress=progress)
+    strategy.fit(backbone, head, datamodule, cache_dir=cache_dir, progress=progress)
+    full = None
+    if compare_full and not isinstance(strategy, FullModel):
+        full, _ = evaluate(backbone, head, FullModel(), datamodule, trainer_kwargs, None, warmup_batches)
+    results, columns = evaluate(backbone, head, strategy, datamodule, trainer_kwargs, logger, warmup_batches)
+    if isinstance(strategy, FullModel):
+        full = results
+    flops = getattr(strategy, "flops_speedup", None)  # token-level methods (HashEE) count FLOPs
+    if callable(flops):
+        results["flops_speedup"] = flops()
+    summary = build_summary(results, strategy, backbone, head, datamodule, full, run_name=run_name, seed=seed)
+    write_outputs(output_dir, summary, columns)
+    return summary

@@ -1,0 +1,51 @@
+"""The head interface: class logits from the hidden state of any layer."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from raee.backbones.base import LayerState, LayerwiseBackbone
+
+
+class Head(nn.Module, ABC):
+    """Maps a :class:`LayerState` of any layer 0..L to class logits (B, C).
+
+    Lifecycle: construct from config -> :meth:`bind` to a backbone and the task's label names
+    -> :meth:`fit` if :attr:`needs_fit` (prototype, linear) -> call on states.
+    """
+
+    #: heads that must see training data before use (prototype, linear)
+    needs_fit: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.label_names: list[str] = []
+        self.num_layers: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def bind(self, backbone: LayerwiseBackbone, label_names: list[str]) -> None:
+        """Attach to a backbone and a label set; subclasses check compatibility here."""
+        if not label_names:
+            raise ValueError("the head needs at least one class; the dataset has no label names")
+        self.label_names = list(label_names)
+        self.num_layers = backbone.num_layers
+
+    def format(self, texts: list[str], text_pairs: list[str] | None,
+               backbone: LayerwiseBackbone) -> tuple[list[str], list[str] | None]:
+        """Turn raw inputs into what the backbone reads (prompt templates); identity by default."""
+        return texts, text_pairs
+
+    @abstractmethod
+    def forward(self, state: LayerState) -> torch.Tensor:
+        """(B, T, H) state of layer ``state.layer`` -> (B, C) logits."""
+
+    def describe(self) -> dict[str, Any]:
+        """Fields that identify this head (stored in databases and summaries)."""
+        return {"type": type(self).__name__}

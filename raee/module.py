@@ -1,0 +1,107 @@
+"""``EarlyExitModule``: a LightningModule that runs backbone + head + exit strategy and measures it.
+
+``test_step`` / ``predict_step`` tokenise a batch, time the exit loop (synchronising CUDA before
+reading the clock) and record, per example, the prediction, exit layer, confidence and label.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from raee.backbones.base import LayerwiseBackbone
+from raee.exit_loop import ExitResult, run_early_exit
+from raee.exits.base import BatchContext, ExitStrategy
+from raee.features import encode_batch
+from raee.heads.base import Head
+from raee.metrics import exit_statistics, task_metrics
+
+
+class EarlyExitModule(L.LightningModule):
+    def __init__(self, backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, warmup_batches: int = 1) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.strategy = strategy
+        self.warmup_batches = warmup_batches
+        self._reset()
+
+    def _reset(self) -> None:
+        self.records: list[dict[str, torch.Tensor]] = []
+        self.wall_time_s = 0.0
+        self.timings: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run_batch(self, batch: dict[str, Any]) -> tuple[ExitResult, float, dict[str, float]]:
+        """Exit loop on one batch; returns the result, its wall-clock seconds and strategy timings."""
+        inputs = encode_batch(self.backbone, self.head, batch)
+        ctx = BatchContext(num_layers=self.backbone.num_layers, batch_size=len(batch["text"]),
+                           texts=list(batch["text"]), text_pairs=batch.get("text_pair"),
+                           labels=batch.get("label"), index=batch.get("index"))
+        self._sync()
+        start = time.perf_counter()
+        result = run_early_exit(self.backbone, self.head, self.strategy, inputs, ctx)
+        self._sync()
+        return result, time.perf_counter() - start, ctx.timings
+
+    def on_test_start(self) -> None:
+        self._reset()
+        self.backbone.reset_counters()
+        # warm-up on the first batches so that one-time costs (allocations, kernels) are not timed
+        loader = self.trainer.test_dataloaders
+        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        for i, batch in enumerate(loader):
+            if i >= self.warmup_batches:
+                break
+            self.run_batch(batch)
+        self.backbone.reset_counters()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        result, seconds, timings = self.run_batch(batch)
+        self.wall_time_s += seconds
+        for key, value in timings.items():
+            self.timings[key] = self.timings.get(key, 0.0) + value
+        self.records.append({"index": batch["index"].cpu(), "label": batch["label"].cpu(),
+                             "prediction": result.predictions, "exit_layer": result.exit_layers,
+                             "confidence": result.confidences})
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        result, _, _ = self.run_batch(batch)
+        return {"index": batch["index"].cpu(), "prediction": result.predictions,
+                "exit_layer": result.exit_layers, "confidence": result.confidences}
+
+    def on_test_epoch_end(self) -> None:
+        stats = self.results()
+        for key in ("accuracy", "macro_f1", "mcc", "mean_exit_layer", "wall_time_s", "throughput"):
+            if stats.get(key) is not None:
+                self.log(f"test/{key}", float(stats[key]), sync_dist=False)
+
+    # ------------------------------------------------------------------ results
+    def predictions(self) -> dict[str, torch.Tensor]:
+        """Per-example records of the last test run, concatenated, in data order."""
+        if not self.records:
+            raise RuntimeError("no test run recorded yet: call trainer.test(module, datamodule) first")
+        cols = {k: torch.cat([r[k] for r in self.records]) for k in self.records[0]}
+        order = torch.argsort(cols["index"])
+        return {k: v[order] for k, v in cols.items()}
+
+    def results(self) -> dict[str, Any]:
+        """Metrics, exit statistics and timings of the last test run."""
+        cols = self.predictions()
+        n = int(cols["index"].numel())
+        out: dict[str, Any] = {"num_examples": n}
+        out.update(task_metrics(cols["prediction"], cols["label"], self.head.num_classes))
+        out.update(exit_statistics(cols["exit_layer"], self.backbone.num_layers))
+        retrieval = sum(v for k, v in self.timings.items() if k.startswith("retrieval"))
+        out.update({"wall_time_s": self.wall_time_s, "throughput": n / self.wall_time_s if self.wall_time_s else None,
+                    "retrieval_time_s": retrieval,
+                    "retrieval_share": retrieval / self.wall_time_s if self.wall_time_s else None,
+                    "timings": dict(self.timings),
+                    "layer_examples": list(self.backbone.layer_examples)})
+        return out

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny models built from configs, so tests run in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")  # never touch the network from tests
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from raee.backbones import load_backbone  # noqa: E402
+
+TINY_CONFIGS = {
+    "bert": dict(model_type="bert", num_hidden_layers=4, hidden_size=32, num_attention_heads=4, intermediate_size=64),
+    "roberta": dict(model_type="roberta", num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+                    intermediate_size=64, max_position_embeddings=140),
+    "distilbert": dict(model_type="distilbert", n_layers=3, dim=32, n_heads=4, hidden_dim=64),
+    "gpt2": dict(model_type="gpt2", n_layer=3, n_embd=32, n_head=4),
+    "llama": dict(model_type="llama", num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+                  intermediate_size=64, num_key_value_heads=2),
+}
+
+TEXTS = ["the match ended in a draw after extra time", "shares fell sharply on monday",
+         "a new phone", "the film won three awards at the festival last night, beating every rival",
+         "parliament debated the bill", "short"]
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones() -> dict:
+    return {name: load_backbone(tiny=cfg, max_length=64) for name, cfg in TINY_CONFIGS.items()}
+
+
+@pytest.fixture()
+def tiny_bert(tiny_backbones):
+    bb = tiny_backbones["bert"]
+    bb.reset_counters()
+    return bb
+
+
+def make_batch(n: int = 6, num_classes: int = 3) -> dict:
+    texts = (TEXTS * ((n + len(TEXTS) - 1) // len(TEXTS)))[:n]
+    return {"text": texts, "text_pair": None, "label": torch.arange(n) % num_classes, "index": torch.arange(n)}
