@@ -43,3 +43,42 @@ def tiny_bert(tiny_backbones):
 def make_batch(n: int = 6, num_classes: int = 3) -> dict:
     texts = (TEXTS * ((n + len(TEXTS) - 1) // len(TEXTS)))[:n]
     return {"text": texts, "text_pair": None, "label": torch.arange(n) % num_classes, "index": torch.arange(n)}
+
+
+class ListDataModule:
+    """A datamodule-shaped object over in-memory examples (tests need no files)."""
+
+    def __init__(self, texts: list[str], labels: list[int], label_names: list[str], batch_size: int = 4,
+                 name: str = "toy") -> None:
+        self.texts, self.labels, self.label_names = texts, labels, label_names
+        self.batch_size, self.name, self.seed, self.task_metric = batch_size, name, 0, "accuracy"
+
+    def setup(self, stage: str | None = None) -> None:
+        pass
+
+    def split(self, name: str) -> list:
+        return list(zip(self.texts, self.labels))
+
+    def _batches(self) -> torch.utils.data.DataLoader:
+        out = []
+        for start in range(0, len(self.texts), self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            out.append({"text": self.texts[sl], "text_pair": None, "label": torch.tensor(self.labels[sl]),
+                        "index": torch.arange(len(self.texts))[sl]})
+        return torch.utils.data.DataLoader(out, batch_size=None)  # pre-built batches, in order
+
+    train_dataloader = val_dataloader = test_dataloader = predict_dataloader = _batches
+
+
+def toy_datamodule(n: int = 24, batch_size: int = 4) -> ListDataModule:
+    """Three separable topics (sport / money / film), n examples."""
+    topics = [("sport", "the team won the match and the striker scored a goal"),
+              ("money", "shares and markets fell as the bank raised interest rates"),
+              ("film", "the actor starred in a film that won an award at the festival")]
+    texts, labels = [], []
+    for i in range(n):
+        c = i % 3
+        words = topics[c][1].split()
+        texts.append(" ".join(words[i % 4:] + words[: i % 4]))
+        labels.append(c)
+    return ListDataModule(texts, labels, [t for t, _ in topics], batch_size=batch_size)

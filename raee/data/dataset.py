@@ -1,0 +1,84 @@
+"""In-memory text examples and the batch collate function of the data contract."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+TASK_TYPES = ("classification", "regression")
+
+
+class TextDataset(Dataset):
+    """Examples of one split, held in memory.
+
+    Item ``i`` is ``{"text": str, "text_pair": str | None, "label": int | float, "index": i}``.
+    ``labels`` is a LongTensor (N,) for classification, a FloatTensor (N,) for regression.
+    """
+
+    def __init__(self, texts: Sequence[str], labels: Sequence[int] | Sequence[float] | torch.Tensor,
+                 text_pairs: Sequence[str] | None = None, label_names: Sequence[str] | None = None,
+                 task_type: str = "classification", name: str = "") -> None:
+        if task_type not in TASK_TYPES:
+            raise ValueError(f"task_type={task_type!r} is not supported: use one of {list(TASK_TYPES)}")
+        if len(texts) != len(labels):
+            raise ValueError(f"TextDataset got {len(texts)} texts but {len(labels)} labels: give one label per text")
+        if text_pairs is not None and len(text_pairs) != len(texts):
+            raise ValueError(f"TextDataset got {len(texts)} texts but {len(text_pairs)} text pairs: "
+                             "give one pair per text (or text_pairs=None)")
+        dtype = torch.long if task_type == "classification" else torch.float32
+        self.texts: list[str] = [str(t) for t in texts]
+        self.text_pairs: list[str] | None = None if text_pairs is None else [str(t) for t in text_pairs]
+        # why copy: labels may be a read-only numpy view of a DataFrame column
+        label_tensor = (labels.detach().clone() if isinstance(labels, torch.Tensor)
+                        else torch.from_numpy(np.array(labels)))
+        self.labels: torch.Tensor = label_tensor.to(dtype).reshape(-1)
+        self.label_names: list[str] = [str(n) for n in (label_names or [])]
+        self.task_type = task_type
+        self.name = name
+        if task_type == "classification" and len(self.labels) and self.label_names:
+            low, high = int(self.labels.min()), int(self.labels.max())
+            if low < 0 or high >= len(self.label_names):
+                raise ValueError(f"dataset {name!r} has label ids in [{low}, {high}] but only {len(self.label_names)} "
+                                 f"label names {self.label_names}: labels must be ids 0..{len(self.label_names) - 1}")
+
+    @property
+    def is_pair(self) -> bool:
+        return self.text_pairs is not None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes; 1 (one output) for regression."""
+        return len(self.label_names) if self.task_type == "classification" else 1
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"text": self.texts[i], "text_pair": None if self.text_pairs is None else self.text_pairs[i],
+                "label": self.labels[i].item(), "index": int(i)}
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> TextDataset:
+        """A new dataset with the examples at ``indices`` (in that order); indices restart at 0."""
+        idx = [int(i) for i in indices]
+        return TextDataset([self.texts[i] for i in idx], self.labels[idx] if idx else self.labels[:0],
+                           None if self.text_pairs is None else [self.text_pairs[i] for i in idx],
+                           self.label_names, self.task_type, self.name if name is None else name)
+
+    def __repr__(self) -> str:
+        return (f"TextDataset(name={self.name!r}, n={len(self)}, task_type={self.task_type!r}, "
+                f"classes={len(self.label_names)}, pair={self.is_pair})")
+
+
+def collate_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Items -> batch dict: text list[str], text_pair list[str] | None, label (B,), index LongTensor (B,)."""
+    labels = [it["label"] for it in items]
+    # float labels only come from regression datasets; keep their dtype
+    label = torch.tensor(labels, dtype=torch.float32 if any(isinstance(v, float) for v in labels) else torch.long)
+    pairs = [it["text_pair"] for it in items]
+    return {"text": [it["text"] for it in items],
+            "text_pair": None if all(p is None for p in pairs) else [p if p is not None else "" for p in pairs],
+            "label": label, "index": torch.tensor([it["index"] for it in items], dtype=torch.long)}

@@ -1,0 +1,132 @@
+"""Prompt, prototype and linear heads: shapes, correctness against HF, training and reloading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raee.backbones import load_backbone
+from raee.experiment import prepare_head
+from raee.heads import LinearHead, PromptHead, PrototypeHead
+from tests.conftest import TEXTS, TINY_CONFIGS, toy_datamodule
+
+
+def test_prompt_head_reads_label_words_at_the_mask_through_the_mlm_head():
+    from transformers import AutoModelForMaskedLM
+
+    bb = load_backbone(tiny=TINY_CONFIGS["bert"], seed=5)
+    head = PromptHead(template="{text} it was {mask}.", label_words=["bad", "good"])
+    head.bind(bb, ["neg", "pos"])
+    texts, _ = head.format(TEXTS[:3], None, bb)
+    assert all("[MASK]" in t for t in texts)
+    enc = bb.tokenize(texts)
+    states = bb.all_layers(**enc)
+    logits = head(states[-1])
+    assert logits.shape == (3, 2)
+    torch.manual_seed(5)
+    lm = AutoModelForMaskedLM.from_config(bb.model.config).eval()
+    with torch.no_grad():
+        ref = lm(**enc).logits
+    pos = (enc["input_ids"] == bb.tokenizer.mask_token_id).float().argmax(1)
+    ids = [bb.tokenizer.convert_tokens_to_ids(w) for w in ("bad", "good")]
+    torch.testing.assert_close(logits, ref[torch.arange(3), pos][:, ids], atol=1e-4, rtol=1e-4)
+    # every layer gives logits of the same shape (layer 0 = embeddings)
+    assert all(head(s).shape == (3, 2) for s in states)
+
+
+def test_prompt_head_on_a_decoder_reads_the_last_real_token():
+    bb = load_backbone(tiny=TINY_CONFIGS["gpt2"], seed=1)
+    head = PromptHead(template="{text} topic:", label_words=["sport", "money", "film"])
+    head.bind(bb, ["a", "b", "c"])
+    texts, _ = head.format(TEXTS, None, bb)
+    enc = bb.tokenize(texts)
+    states = bb.all_layers(**enc)
+    logits = head(states[2])
+    last = enc["attention_mask"].sum(1) - 1
+    hidden = states[2].hidden[torch.arange(len(TEXTS)), last]
+    full = bb.lm_head(bb.final_norm(hidden))
+    torch.testing.assert_close(logits, full[:, head.label_ids])
+
+
+def test_prompt_keeps_the_mask_when_the_text_is_too_long():
+    bb = load_backbone(tiny=TINY_CONFIGS["bert"], max_length=32)
+    head = PromptHead(template="{text} it was {mask}.", label_words=["bad", "good"])
+    head.bind(bb, ["neg", "pos"])
+    texts, _ = head.format(["word " * 200], None, bb)
+    enc = bb.tokenize(texts)
+    assert (enc["input_ids"] == bb.tokenizer.mask_token_id).any()
+
+
+def test_label_word_must_be_a_single_token(tiny_backbones):
+    head = PromptHead(label_words=["bad", "unbelievablyxyzzy"])
+    with pytest.raises(ValueError, match="'unbelievablyxyzzy' is not a single token"):
+        head.bind(tiny_backbones["bert"], ["neg", "pos"])
+
+
+def test_label_words_must_match_class_count(tiny_backbones):
+    with pytest.raises(ValueError, match="2 words but the dataset has 3 classes"):
+        PromptHead(label_words=["bad", "good"]).bind(tiny_backbones["bert"], ["a", "b", "c"])
+
+
+def test_prompt_head_needs_an_lm_head():
+    bb = load_backbone("sentence-transformers/all-MiniLM-L6-v2")
+    with pytest.raises(ValueError, match="no language-model head"):
+        PromptHead(label_words=["bad", "good"]).bind(bb, ["neg", "pos"])
+
+
+def test_prototype_head_is_the_class_mean_and_classifies_its_own_prototypes(tiny_bert, tmp_path):
+    dm = toy_datamodule(12)
+    head = PrototypeHead(pooling="mean")
+    prepare_head(tiny_bert, head, dm, cache_dir=None, progress=False)
+    assert head.prototypes.shape == (5, 3, 32)
+    torch.testing.assert_close(head.prototypes.norm(dim=-1), torch.ones(5, 3))
+    # the prototype at layer 2 of class c is the normalised mean of class c's pooled states
+    enc = tiny_bert.tokenize(dm.texts)
+    states = tiny_bert.all_layers(**enc)
+    pooled = (states[2].hidden * enc["attention_mask"].unsqueeze(-1)).sum(1) / enc["attention_mask"].sum(1, keepdim=True)
+    labels = torch.tensor(dm.labels)
+    mean1 = torch.nn.functional.normalize(pooled[labels == 1].mean(0), dim=0)
+    torch.testing.assert_close(head.prototypes[2, 1], mean1, atol=1e-5, rtol=1e-5)
+    assert head(states[3]).shape == (12, 3)
+    head.save(tmp_path / "proto")
+    other = PrototypeHead()
+    other.bind(tiny_bert, dm.label_names)
+    other.load(tmp_path / "proto")
+    torch.testing.assert_close(other.prototypes, head.prototypes)
+
+
+def test_prototype_fit_is_cached_on_disk(tiny_bert, tmp_path):
+    dm = toy_datamodule(9)
+    prepare_head(tiny_bert, PrototypeHead(), dm, cache_dir=tmp_path, progress=False)
+    calls = tiny_bert.layer_examples[1]
+    head = PrototypeHead()
+    prepare_head(tiny_bert, head, dm, cache_dir=tmp_path, progress=False)
+    assert tiny_bert.layer_examples[1] == calls, "a cached head must not run the backbone again"
+    assert head.is_fitted
+
+
+def test_linear_head_trains_and_reloads(tiny_bert, tmp_path):
+    dm = toy_datamodule(24)
+    head = LinearHead(max_epochs=15, lr=0.05, dropout=0.0, checkpoint=str(tmp_path / "linear"))
+    prepare_head(tiny_bert, head, dm, progress=False)
+    enc = tiny_bert.tokenize(dm.texts)
+    states = tiny_bert.all_layers(**enc)
+    head.eval()
+    acc = (head(states[-1]).argmax(-1) == torch.tensor(dm.labels)).float().mean()
+    assert acc >= 0.9, f"three separable topics should be learned, got {acc}"
+    assert (tmp_path / "linear" / "classifiers.safetensors").exists()
+    reloaded = LinearHead(checkpoint=str(tmp_path / "linear"))
+    prepare_head(tiny_bert, reloaded, dm, progress=False)
+    reloaded.eval()
+    for s in states:
+        torch.testing.assert_close(reloaded(s), head(s))
+
+
+def test_linear_head_refuses_a_checkpoint_for_other_classes(tiny_bert, tmp_path):
+    dm = toy_datamodule(6)
+    head = LinearHead(max_epochs=1, checkpoint=str(tmp_path / "lin"))
+    prepare_head(tiny_bert, head, dm, progress=False)
+    other = LinearHead()
+    other.bind(tiny_bert, ["x", "y"])
+    with pytest.raises(ValueError, match="trained for classes"):
+        other.load(tmp_path / "lin")
