@@ -31,15 +31,17 @@ def build_objects(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def make_logger(cfg: DictConfig, output_dir: str, run_name: str) -> Any:
-    """The Lightning logger from ``cfg.logger`` (None when logger=none)."""
+def make_logger(cfg: DictConfig, output_dir: str, run_name: str, group: str | None = None) -> Any:
+    """The Lightning logger from ``cfg.logger`` (None when logger=none); runs of one sweep share ``group``."""
     if not cfg.get("logger"):
         return None
     from hydra.utils import instantiate
 
     os.environ.setdefault("WANDB_MODE", str(cfg.logger.get("mode", "offline")))
-    return instantiate(cfg.logger, save_dir=output_dir, name=run_name,
-                       config=OmegaConf.to_container(cfg, resolve=True))
+    extra = {"group": group} if group and not cfg.logger.get("group") else {}
+    logger = instantiate(cfg.logger, save_dir=output_dir, name=run_name, **extra)
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return logger
 
 
 def log_summary(logger: Any, summary: dict[str, Any]) -> None:
@@ -61,13 +63,13 @@ def log_summary(logger: Any, summary: dict[str, Any]) -> None:
         logger.finalize("success")
 
 
-def run(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
+def run(cfg: DictConfig, output_dir: str, group: str | None = None) -> dict[str, Any]:
     """Run the composed config, write results to ``output_dir`` and return the summary."""
     from raee.experiment import format_summary, run_experiment
 
     objs = build_objects(cfg)
     run_name = cfg.get("run_name") or objs["strategy"].name
-    logger = make_logger(cfg, output_dir, run_name)
+    logger = make_logger(cfg, output_dir, run_name, group)
     summary = run_experiment(
         objs["backbone"], objs["head"], objs["strategy"], objs["datamodule"], output_dir=output_dir,
         run_name=run_name, seed=int(cfg.seed), compare_full=bool(cfg.compare_full), cache_dir=cfg.paths.cache_dir,
@@ -79,11 +81,42 @@ def run(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
     return summary
 
 
+def run_job(cfg: DictConfig, output_dir: str, multirun: bool, overrides: list[str] | None = None,
+            group: str | None = None) -> dict[str, Any] | None:
+    """One job of a (multi)run: skip it if its summary exists (unless ``redo``); in a multirun, record a
+    failure in error.json and carry on with the other jobs instead of stopping the sweep."""
+    import json
+    import traceback
+
+    from raee.atomic import atomic_write_text
+
+    summary_path = Path(output_dir) / "summary.json"
+    if summary_path.exists() and not cfg.get("redo", False):
+        print(f"skipping: {summary_path} exists (pass redo=true to run it again)")
+        return json.loads(summary_path.read_text())
+    try:
+        summary = run(cfg, output_dir, group)
+    except Exception as err:  # noqa: BLE001 - a sweep must survive one failed job
+        if not multirun:
+            raise
+        log.error("run failed: %s", err)
+        atomic_write_text(Path(output_dir) / "error.json", json.dumps(
+            {"status": "failed", "error": f"{type(err).__name__}: {err}", "overrides": overrides or [],
+             "traceback": traceback.format_exc()}, indent=2))
+        return None
+    (Path(output_dir) / "error.json").unlink(missing_ok=True)
+    return summary
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    group = Path(hc.sweep.dir).as_posix().replace("/", "_").strip("_") if multirun else None
+    run_job(cfg, hc.runtime.output_dir, multirun=multirun, overrides=list(hc.overrides.task), group=group)
 
 
 if __name__ == "__main__":

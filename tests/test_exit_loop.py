@@ -98,6 +98,7 @@ def test_early_exit_logits_equal_full_pass_logits(tiny_bert):
     head.label_names = ["a", "b", "c"]
     head.num_layers = tiny_bert.num_layers
     head.prototypes = torch.nn.functional.normalize(torch.randn(5, 3, 32), dim=-1)
+    head.centers = torch.randn(5, 32)
     enc = tiny_bert.tokenize(TEXTS)
     plan = [1, 4, 2, 3, 0, 4]
     res = run_early_exit(tiny_bert, head, PerExamplePlan(plan), enc, ctx_for(tiny_bert, 6))

@@ -76,7 +76,7 @@ def test_prompt_head_needs_an_lm_head():
 
 def test_prototype_head_is_the_class_mean_and_classifies_its_own_prototypes(tiny_bert, tmp_path):
     dm = toy_datamodule(12)
-    head = PrototypeHead(pooling="mean")
+    head = PrototypeHead(pooling="mean", center=False)
     prepare_head(tiny_bert, head, dm, cache_dir=None, progress=False)
     assert head.prototypes.shape == (5, 3, 32)
     torch.testing.assert_close(head.prototypes.norm(dim=-1), torch.ones(5, 3))
@@ -89,10 +89,27 @@ def test_prototype_head_is_the_class_mean_and_classifies_its_own_prototypes(tiny
     torch.testing.assert_close(head.prototypes[2, 1], mean1, atol=1e-5, rtol=1e-5)
     assert head(states[3]).shape == (12, 3)
     head.save(tmp_path / "proto")
-    other = PrototypeHead()
+    other = PrototypeHead(center=False)
     other.bind(tiny_bert, dm.label_names)
     other.load(tmp_path / "proto")
     torch.testing.assert_close(other.prototypes, head.prototypes)
+
+
+def test_centred_prototypes_subtract_the_layer_mean(tiny_bert):
+    dm = toy_datamodule(12)
+    head = PrototypeHead(center=True)
+    prepare_head(tiny_bert, head, dm, cache_dir=None, progress=False)
+    enc = tiny_bert.tokenize(dm.texts)
+    state = tiny_bert.all_layers(**enc)[1]
+    mask = enc["attention_mask"].unsqueeze(-1)
+    pooled = (state.hidden * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(head.centers[1], pooled.mean(0), atol=1e-5, rtol=1e-5)
+    labels = torch.tensor(dm.labels)
+    expected = torch.nn.functional.normalize(pooled[labels == 2].mean(0) - pooled.mean(0), dim=0)
+    torch.testing.assert_close(head.prototypes[1, 2], expected, atol=1e-5, rtol=1e-5)
+    logits = head(state)
+    want = 10.0 * torch.nn.functional.normalize(pooled - pooled.mean(0), dim=-1) @ head.prototypes[1].T
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
 
 
 def test_prototype_fit_is_cached_on_disk(tiny_bert, tmp_path):
