@@ -147,3 +147,23 @@ def test_linear_head_refuses_a_checkpoint_for_other_classes(tiny_bert, tmp_path)
     other.bind(tiny_bert, ["x", "y"])
     with pytest.raises(ValueError, match="trained for classes"):
         other.load(tmp_path / "lin")
+
+
+def test_pabee_joint_training_updates_and_restores_the_backbone(tmp_path):
+    bb = load_backbone(tiny=TINY_CONFIGS["bert"], seed=0)
+    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    dm = toy_datamodule(12)
+    head = LinearHead(max_epochs=2, lr=0.01, finetune_backbone=True, backbone_lr=1e-2,
+                      checkpoint=str(tmp_path / "pabee"))
+    assert head.loss_weighting == "pabee"
+    prepare_head(bb, head, dm, progress=False)
+    weights = head.layer_weights()
+    assert torch.allclose(weights, torch.tensor([1.0, 1, 2, 3, 4]) / 11)
+    changed = [k for k, v in bb.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "joint training must update the backbone"
+    assert not any(p.requires_grad for p in bb.model.parameters()), "the backbone ends frozen"
+    fresh = load_backbone(tiny=TINY_CONFIGS["bert"], seed=0)
+    reloaded = LinearHead(finetune_backbone=True, checkpoint=str(tmp_path / "pabee"))
+    prepare_head(fresh, reloaded, dm, progress=False)
+    for k, v in bb.model.state_dict().items():
+        torch.testing.assert_close(fresh.model.state_dict()[k], v)
