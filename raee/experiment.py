@@ -23,7 +23,7 @@ import raee
 from raee.atomic import atomic_write_text
 from raee.backbones.base import LayerwiseBackbone
 from raee.exits.base import ExitStrategy
-from raee.exits.simple import FullModel
+from raee.exits.simple import FullModel, OracleExit
 from raee.heads.base import Head
 from raee.module import EarlyExitModule
 
@@ -84,7 +84,7 @@ def evaluate(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, da
 
 def build_summary(results: dict[str, Any], strategy: ExitStrategy, backbone: LayerwiseBackbone, head: Head,
                   datamodule: Any, full: dict[str, Any] | None, *, run_name: str, seed: int, split: str = "test",
-                  task_metric: str | None = None) -> dict[str, Any]:
+                  task_metric: str | None = None, oracle: dict[str, Any] | None = None) -> dict[str, Any]:
     """The flat summary every strategy reports, so that one table holds them all."""
     task_metric = task_metric or getattr(datamodule, "task_metric", "accuracy") or "accuracy"
     full_time = full["wall_time_s"] if full else None
@@ -101,6 +101,8 @@ def build_summary(results: dict[str, Any], strategy: ExitStrategy, backbone: Lay
         "full_wall_time_s": full_time,
         "wall_speedup": full_time / results["wall_time_s"] if full_time and results["wall_time_s"] else None,
         "full_accuracy": full.get("accuracy") if full else None,
+        "oracle_accuracy": oracle.get("accuracy") if oracle else None,
+        "oracle_mean_exit_layer": oracle.get("mean_exit_layer") if oracle else None,
         "retrieval_time_s": results["retrieval_time_s"], "retrieval_share": results["retrieval_share"],
         "timings": results.get("timings", {}), "exit_layer_counts": results["exit_layer_counts"],
         "status": "ok", "version": raee.__version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -129,7 +131,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"method={summary['method']} {summary['knobs']}  backbone={summary['backbone']}  head={summary['head']}  "
         f"data={summary['dataset']} ({summary['num_examples']} examples)",
         f"  {summary['task_metric']}: {f(summary['task_metric_value'])}   accuracy: {f(summary['accuracy'])}"
-        f"   (full model: {f(summary['full_accuracy'])})",
+        f"   (full model: {f(summary['full_accuracy'])}, oracle: {f(summary.get('oracle_accuracy'))} at mean layer "
+        f"{f(summary.get('oracle_mean_exit_layer'), '.2f')})",
         f"  mean exit layer: {f(summary['mean_exit_layer'], '.2f')} / {summary['num_layers']}"
         f"   layer speed-up: {f(summary['layer_speedup'], '.2f')}x",
         f"  wall-clock: {f(summary['wall_time_s'], '.3f')} s   full model: {f(summary['full_wall_time_s'], '.3f')} s"
@@ -142,7 +145,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, datamodule: Any, *,
                    output_dir: str | Path, run_name: str = "run", seed: int = 42, compare_full: bool = True,
-                   cache_dir: str | Path | None = "artifacts/cache", trainer_kwargs: dict[str, Any] | None = None,
+                   compare_oracle: bool = False, cache_dir: str | Path | None = "artifacts/cache",
+                   trainer_kwargs: dict[str, Any] | None = None,
                    logger: Any = None, warmup_batches: int = 1, progress: bool = True) -> dict[str, Any]:
     """Everything one run does; returns the summary (also written to ``output_dir``)."""
     L.seed_everything(seed, workers=True, verbose=False)
@@ -153,12 +157,18 @@ def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrate
     full = None
     if compare_full and not isinstance(strategy, FullModel):
         full, _ = evaluate(backbone, head, FullModel(), datamodule, trainer_kwargs, None, warmup_batches)
+    oracle = None
+    if compare_oracle and not isinstance(strategy, OracleExit):
+        oracle, _ = evaluate(backbone, head, OracleExit(), datamodule, trainer_kwargs, None, warmup_batches)
     results, columns = evaluate(backbone, head, strategy, datamodule, trainer_kwargs, logger, warmup_batches)
     if isinstance(strategy, FullModel):
         full = results
+    if isinstance(strategy, OracleExit):
+        oracle = results
     flops = getattr(strategy, "flops_speedup", None)  # token-level methods (HashEE) count FLOPs
     if callable(flops):
         results["flops_speedup"] = flops()
-    summary = build_summary(results, strategy, backbone, head, datamodule, full, run_name=run_name, seed=seed)
+    summary = build_summary(results, strategy, backbone, head, datamodule, full, run_name=run_name, seed=seed,
+                            oracle=oracle)
     write_outputs(output_dir, summary, columns)
     return summary

@@ -72,7 +72,8 @@ def run(cfg: DictConfig, output_dir: str, group: str | None = None) -> dict[str,
     logger = make_logger(cfg, output_dir, run_name, group)
     summary = run_experiment(
         objs["backbone"], objs["head"], objs["strategy"], objs["datamodule"], output_dir=output_dir,
-        run_name=run_name, seed=int(cfg.seed), compare_full=bool(cfg.compare_full), cache_dir=cfg.paths.cache_dir,
+        run_name=run_name, seed=int(cfg.seed), compare_full=bool(cfg.compare_full),
+        compare_oracle=bool(cfg.get("compare_oracle", False)), cache_dir=cfg.paths.cache_dir,
         trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger,
         warmup_batches=int(cfg.warmup_batches))
     log_summary(logger, summary)

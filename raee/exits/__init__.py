@@ -3,7 +3,8 @@
 from raee.exits.base import BatchContext, DynamicExit, ExitStrategy, PlannedExit
 from raee.exits.entropy import EntropyExit, prediction_entropy
 from raee.exits.patience import PatienceExit
+from raee.exits.raee_exit import RaeeExit
 from raee.exits.simple import FixedLayer, FullModel, OracleExit
 
 __all__ = ["BatchContext", "DynamicExit", "ExitStrategy", "PlannedExit", "EntropyExit", "PatienceExit",
-           "FixedLayer", "FullModel", "OracleExit", "prediction_entropy"]
+           "FixedLayer", "FullModel", "OracleExit", "RaeeExit", "prediction_entropy"]

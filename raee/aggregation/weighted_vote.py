@@ -1,0 +1,24 @@
+"""Similarity-weighted vote: weights softmax(-distance / temperature) over valid neighbours;
+distribution(l) = sum_j w_j * [layer l gets neighbour j right]."""
+
+from __future__ import annotations
+
+import torch
+
+from raee.aggregation.base import Aggregator, ExitInfo, finish, gather_neighbours
+
+
+class SimilarityWeightedVote(Aggregator):
+    def __init__(self, temperature: float = 0.1) -> None:
+        if temperature <= 0:
+            raise ValueError(f"aggregator.temperature={temperature} must be > 0 (smaller = trust the nearest more)")
+        self.temperature = float(temperature)
+
+    def choose(self, distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        nb = gather_neighbours(distances, ids, info)
+        logits = torch.where(nb.valid, -nb.distances / self.temperature, torch.full_like(nb.distances, float("-inf")))
+        any_valid = nb.valid.any(-1, keepdim=True)
+        weights = torch.where(any_valid, torch.softmax(torch.where(any_valid, logits, torch.zeros_like(logits)), -1),
+                              torch.zeros_like(logits))
+        scores = (nb.correct.float() * weights.unsqueeze(-1)).sum(1)
+        return finish(scores, empty=scores.sum(-1) == 0)

@@ -1,0 +1,119 @@
+"""RAEE: retrieval-augmented early exit (Huang et al. 2024).
+
+Per test example: encode a key, retrieve the k most similar training examples from the exit
+database, aggregate their exit information into a distribution over layers 0..L, and run the
+backbone only up to the chosen layer. Examples with different exit layers share the batch
+until they leave it (the exit loop drops them). No internal classifier is trained.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raee.backbones.base import LayerState, LayerwiseBackbone
+from raee.exits.base import BatchContext, PlannedExit
+
+
+class RaeeExit(PlannedExit):
+    name = "raee"
+
+    def __init__(self, key_encoder: Any, retriever: Any, aggregator: Any, k: int = 12, database: str | None = None,
+                 fraction: float = 1.0, seed: int = 42, rebuild: bool = False) -> None:
+        if k < 1:
+            raise ValueError(f"exit.k={k} must be at least 1 (number of neighbours retrieved)")
+        self.key_encoder = key_encoder
+        self.retriever = retriever
+        self.aggregator = aggregator
+        self.k = int(k)
+        self.database_dir = database
+        self.fraction = float(fraction)
+        self.seed = int(seed)
+        self.rebuild = bool(rebuild)
+        self.plan_layer = key_encoder.plan_layer
+        self.db = None
+        self.last: dict[str, torch.Tensor] = {}  # neighbours and distribution of the last batch (notebooks)
+
+    def knobs(self) -> dict[str, Any]:
+        from raee.database import describe_retriever
+
+        return {"k": self.k, "aggregator": type(self.aggregator).__name__,
+                "aggregator_args": getattr(self.aggregator, "__dict__", {}) and {
+                    k: v for k, v in vars(self.aggregator).items() if isinstance(v, (int, float, str, bool))},
+                "key_encoder": self.key_encoder.describe(), "retriever": describe_retriever(self.retriever)["class"]
+                .split(":")[-1] + ":" + str(getattr(self.retriever, "factory", "exact")), "fraction": self.fraction}
+
+    def validate(self, num_layers: int) -> None:
+        from raee.exits.base import check_layer
+
+        check_layer(self.plan_layer, num_layers, "key_encoder.layer")
+
+    # ------------------------------------------------------------------ database
+    def default_database_dir(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any, cache_dir: Any) -> Path:
+        from raee.database import setup_description
+        from raee.experiment import data_description, fingerprint
+
+        key = fingerprint(setup_description(backbone, head, self.key_encoder)
+                          | {"data": data_description(datamodule), "fraction": self.fraction, "seed": self.seed})
+        return Path(cache_dir or "artifacts/cache") / "db" / key
+
+    def fit(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any, cache_dir: Any = None,
+            progress: bool = True) -> None:
+        """Load the exit database (checking it matches this setup) or build it from the training split."""
+        from raee.database import ExitDatabase, build_database, describe_retriever, setup_description
+
+        directory = Path(self.database_dir) if self.database_dir else self.default_database_dir(
+            backbone, head, datamodule, cache_dir)
+        expected = setup_description(backbone, head, self.key_encoder)
+        if (directory / "meta.json").exists() and not self.rebuild:
+            db = ExitDatabase.load(directory)
+            db.check_compatible(expected)
+            if db.meta["retriever"] != describe_retriever(self.retriever):
+                db = db.with_retriever(self.retriever)  # another index over the same keys: no backbone pass
+        elif self.database_dir and not self.rebuild:
+            raise FileNotFoundError(f"exit.database={directory} does not exist: build it with `python -m raee.build_db "
+                                    f"db.dir={directory}` or leave exit.database=null to build one automatically")
+        else:
+            db = build_database(backbone, head, self.key_encoder, self.retriever, datamodule,
+                                fraction=self.fraction, seed=self.seed, progress=progress)
+            db.save(directory)
+        self.use_database(db)
+
+    def use_database(self, db: Any) -> None:
+        self.db = db
+        self.retriever = db.retriever
+
+    def prepare(self, backbone: LayerwiseBackbone, head: Any) -> None:
+        super().prepare(backbone, head)
+        if self.db is None:
+            raise RuntimeError("RAEE has no exit database: call fit() (run_experiment does) or use_database()")
+        from raee.database import setup_description
+
+        self.db.check_compatible(setup_description(backbone, head, self.key_encoder))
+        if self.k > self.db.size:
+            warnings.warn(f"exit.k={self.k} is larger than the exit database ({self.db.size} examples); "
+                          f"using k={self.db.size}", stacklevel=2)
+            self.k = self.db.size
+
+    # ------------------------------------------------------------------ inference
+    def plan(self, state: LayerState, ctx: BatchContext) -> torch.Tensor:
+        from raee.retrieval.base import to_distances
+
+        start = time.perf_counter()
+        keys = self.key_encoder.encode(state, ctx.texts)
+        t_keys = time.perf_counter()
+        scores, ids = self.retriever.search(keys.detach().cpu().numpy(), self.k)
+        t_search = time.perf_counter()
+        distances = to_distances(torch.as_tensor(scores), self.retriever.metric)
+        layers, distribution = self.aggregator.choose(distances, torch.as_tensor(ids), self.db.info)
+        t_agg = time.perf_counter()
+        for name, seconds in (("retrieval_keys", t_keys - start), ("retrieval_search", t_search - t_keys),
+                              ("retrieval_aggregate", t_agg - t_search)):
+            ctx.timings[name] = ctx.timings.get(name, 0.0) + seconds
+        self.last = {"ids": torch.as_tensor(ids), "distances": distances, "distribution": distribution,
+                     "layers": layers}
+        return layers.to(state.hidden.device)
