@@ -49,8 +49,10 @@ def resolve_factory(factory: str, n: int, dim: int) -> str:
 
 class FaissRetriever(Retriever):
     def __init__(self, factory: str = "Flat", metric: str = "ip", nprobe: int | None = None,
-                 ef_search: int | None = None, use_gpu: str | bool = "auto") -> None:
+                 ef_search: int | None = None, params: str | None = None, use_gpu: str | bool = "auto") -> None:
+        """params: any further FAISS ParameterSpace settings, e.g. "k_factor_rf=4" for an RFlat re-ranker."""
         super().__init__(metric)
+        self.params = params
         self.factory = factory
         self.nprobe = nprobe
         self.ef_search = ef_search
@@ -94,6 +96,8 @@ class FaissRetriever(Retriever):
             params.append(f"nprobe={int(self.nprobe)}")
         if self.ef_search is not None:
             params.append(f"efSearch={int(self.ef_search)}")
+        if self.params:
+            params.append(str(self.params))
         if params and hasattr(faiss, "ParameterSpace") and not hasattr(cpu_index, "getDevice"):
             faiss.ParameterSpace().set_index_parameters(cpu_index, ",".join(params))
         elif params:  # GPU indexes take nprobe through GpuParameterSpace
@@ -133,7 +137,7 @@ class FaissRetriever(Retriever):
             raise ValueError(f"index file {path} holds {index.ntotal} keys, its metadata says {meta['ntotal']}: "
                              "rebuild the database with `python -m raee.build_db`")
         out = cls(factory=meta["factory"], metric=meta["metric"], nprobe=meta.get("nprobe"),
-                  ef_search=meta.get("ef_search"), use_gpu=meta.get("use_gpu", "auto"))
+                  ef_search=meta.get("ef_search"), params=meta.get("params"), use_gpu=meta.get("use_gpu", "auto"))
         out.resolved = meta.get("resolved")
         out.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index) if out._want_gpu(faiss) else index
         out._apply_search_params()
@@ -141,4 +145,4 @@ class FaissRetriever(Retriever):
 
     def describe(self) -> dict[str, Any]:
         return {"type": "faiss", "factory": self.factory, "metric": self.metric, "nprobe": self.nprobe,
-                "ef_search": self.ef_search, "use_gpu": self.use_gpu}
+                "ef_search": self.ef_search, "params": self.params, "use_gpu": self.use_gpu}
