@@ -61,6 +61,9 @@ class EarlyExitModule(L.LightningModule):
                 break
             self.run_batch(batch)
         self.backbone.reset_counters()
+        reset_flops = getattr(self.strategy, "reset_flops", None)  # token-level methods count FLOPs
+        if callable(reset_flops):
+            reset_flops()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         result, seconds, timings = self.run_batch(batch)

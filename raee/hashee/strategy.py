@@ -1,0 +1,278 @@
+"""HashEE (Sun et al. 2022): token-level early exit with hash-assigned exit layers.
+
+Every token id gets a fixed exit layer from a hash (random, frequency, mutual information or
+embedding clusters); a token is updated by layers 1..e and frozen after its exit layer e,
+while tokens still active keep attending to it. Special tokens get L, so the classification
+token runs every layer and the prediction is read from the head's layer-L classifier. The
+backbone is fine-tuned with the exits in place (:mod:`raee.hashee.training`). There are no
+internal classifiers and no instance-level decisions: every example "exits" at L; the savings
+are inside the layers and are reported by :meth:`HashEEExit.flops_speedup`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from raee.atomic import atomic_path, atomic_write_text
+from raee.backbones.base import LayerState, LayerwiseBackbone
+from raee.exits.base import BatchContext, PlannedExit
+from raee.hashee import hashing
+from raee.hashee.token_layer import active_tokens, layer_parts, run_token_exit_layer, token_exit_flops
+
+#: files of a HashEE checkpoint directory (meta.json is written last: its presence marks a complete save)
+FILES = ("token_to_layer.safetensors", "backbone.safetensors", "classifiers.safetensors", "meta.json")
+
+
+class HashEEExit(PlannedExit):
+    name = "hashee"
+
+    def __init__(self, hash: str = "frequency", num_layers: int | None = None, seed: int = 42,
+                 max_epochs: int = 1, lr: float = 2e-5, head_lr: float | None = None, weight_decay: float = 0.01,
+                 warmup: float = 0.1, gradient_clip_val: float | None = 1.0,
+                 limit_train_batches: int | float | None = None, max_steps: int = -1,
+                 kmeans_iterations: int = 10, checkpoint: str | None = None) -> None:
+        if hash not in hashing.HASHES:
+            raise ValueError(f"exit.hash={hash!r} is not a HashEE hash: choose one of {list(hashing.HASHES)}")
+        if lr <= 0 or (head_lr is not None and head_lr <= 0):
+            raise ValueError(f"exit.lr={lr} and exit.head_lr={head_lr} must be positive learning rates")
+        if max_epochs < 0:
+            raise ValueError(f"exit.max_epochs={max_epochs} must be >= 0 (0 = hash only, no fine-tuning)")
+        if not 0.0 <= warmup < 1.0:
+            raise ValueError(f"exit.warmup={warmup} is the warm-up share of the training steps: give 0 <= warmup < 1")
+        self.hash = hash
+        self.num_layers = None if num_layers is None else int(num_layers)
+        self.seed = int(seed)
+        self.max_epochs, self.lr, self.head_lr = int(max_epochs), float(lr), head_lr
+        self.weight_decay, self.warmup, self.gradient_clip_val = float(weight_decay), float(warmup), gradient_clip_val
+        self.limit_train_batches, self.max_steps = limit_train_batches, int(max_steps)
+        self.kmeans_iterations = int(kmeans_iterations)
+        self.checkpoint = checkpoint
+        self.plan_layer = 0
+        self.token_to_layer: torch.Tensor | None = None  # (V,) long, 1..L
+        self.checkpoint_dir: Path | None = None  # where the last fit saved to / loaded from
+        self.loaded = False  # True when the last fit reloaded a checkpoint instead of training
+        self._device_map: torch.Tensor | None = None
+        self.reset_flops()
+
+    # ------------------------------------------------------------------ settings
+    def knobs(self) -> dict[str, Any]:
+        return {"hash": self.hash, "seed": self.seed, "max_epochs": self.max_epochs, "lr": self.lr}
+
+    def training_settings(self) -> dict[str, Any]:
+        return {"hash": self.hash, "seed": self.seed, "max_epochs": self.max_epochs, "lr": self.lr,
+                "head_lr": self.head_lr, "weight_decay": self.weight_decay, "warmup": self.warmup,
+                "gradient_clip_val": self.gradient_clip_val, "limit_train_batches": self.limit_train_batches,
+                "max_steps": self.max_steps, "kmeans_iterations": self.kmeans_iterations}
+
+    def validate(self, num_layers: int) -> None:
+        if self.num_layers is not None and self.num_layers != num_layers:
+            raise ValueError(
+                f"exit.num_layers={self.num_layers} but the backbone has {num_layers} layers: HashEE hashes tokens "
+                f"into the backbone's layers, so set exit.num_layers={num_layers} or null (use the backbone's)")
+
+    @staticmethod
+    def _check_backbone(backbone: LayerwiseBackbone) -> None:
+        if backbone.is_decoder:
+            raise ValueError(f"HashEE needs a bidirectional encoder backbone (BERT/RoBERTa/DistilBERT family); "
+                             f"'{backbone.name}' is a causal decoder: choose an encoder backbone")
+        layer_parts(backbone.layer_modules()[0])  # raises for unsupported layer types
+
+    @staticmethod
+    def _check_head(head: Any, num_layers: int) -> None:
+        classifiers = getattr(head, "classifiers", None)
+        if classifiers is None:
+            raise ValueError(f"HashEE needs head=linear (it fine-tunes the layer-{num_layers} linear classifier "
+                             f"together with the backbone); {type(head).__name__} has no classifiers")
+        if len(classifiers) != num_layers + 1:
+            raise ValueError(f"the linear head has {len(classifiers)} classifiers but the backbone has "
+                             f"{num_layers} layers (L+1 = {num_layers + 1} expected): bind the head to this backbone")
+
+    # ------------------------------------------------------------------ the hash
+    def build_token_map(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any,
+                        progress: bool = True) -> torch.Tensor:
+        """(V,) exit layer per token id, from the training split (or the embeddings / a seed)."""
+        from raee.features import encode_batch
+
+        L = backbone.num_layers
+        embeddings = backbone.model.get_input_embeddings().weight
+        vocab_size = int(embeddings.shape[0])
+        special = list(backbone.tokenizer.all_special_ids)
+        if self.hash == "random":
+            return hashing.random_hash(vocab_size, L, self.seed, special)
+        if self.hash == "cluster":
+            return hashing.cluster_hash(embeddings.detach().cpu(), L, self.seed, special,
+                                        iterations=self.kmeans_iterations)
+        counts = torch.zeros(vocab_size, dtype=torch.long)
+        num_classes = len(datamodule.label_names)
+        joint = torch.zeros(vocab_size, num_classes, dtype=torch.long)
+        class_counts = torch.zeros(num_classes, dtype=torch.long)
+        loader = datamodule.train_dataloader()
+        for batch in tqdm(loader, desc="hashee: counting tokens", disable=not progress, leave=False):
+            enc = encode_batch(backbone, head, batch)  # the texts exactly as the model reads them
+            if self.hash == "frequency":
+                hashing.add_token_counts(counts, enc["input_ids"], enc["attention_mask"])
+            else:
+                hashing.add_token_label_counts(joint, class_counts, enc["input_ids"], enc["attention_mask"],
+                                               batch["label"])
+        if self.hash == "frequency":
+            return hashing.frequency_hash(counts, L, special)
+        return hashing.mutual_information_hash(joint, L, special, class_counts=class_counts)
+
+    def use_token_map(self, token_to_layer: torch.Tensor) -> None:
+        """Set the (V,) token -> exit layer map directly (notebooks, tests)."""
+        token_to_layer = torch.as_tensor(token_to_layer).long().cpu()
+        if token_to_layer.dim() != 1 or token_to_layer.numel() == 0 or int(token_to_layer.min()) < 1:
+            raise ValueError("token_to_layer must be a non-empty (vocab_size,) tensor of exit layers >= 1")
+        self.token_to_layer = token_to_layer
+        self._device_map = None
+
+    # ------------------------------------------------------------------ fit / checkpoint
+    def default_checkpoint_dir(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any,
+                               cache_dir: Any) -> Path:
+        from raee.experiment import data_description, fingerprint
+
+        key = fingerprint({"method": "hashee", "settings": self.training_settings(),
+                           "backbone": backbone.describe(), "head": head.describe(),
+                           "data": data_description(datamodule)})
+        return Path(cache_dir or "artifacts/cache") / "hashee" / key
+
+    def fit(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any, cache_dir: Any = None,
+            progress: bool = True) -> None:
+        """Build the hash and fine-tune backbone + layer-L classifier with token exits in place;
+        or reload both from the checkpoint directory when it holds a finished run."""
+        L = backbone.num_layers
+        self.validate(L)
+        self._check_backbone(backbone)
+        self._check_head(head, L)
+        if getattr(datamodule, "is_regression", False):
+            raise ValueError("HashEE fine-tunes with cross-entropy on class labels; this dataset is a regression "
+                             "task: use a classification dataset")
+        directory = Path(self.checkpoint) if self.checkpoint else self.default_checkpoint_dir(
+            backbone, head, datamodule, cache_dir)
+        self.checkpoint_dir = directory
+        if (directory / "meta.json").exists():
+            self.load(directory, backbone, head)
+            self.loaded = True
+            return
+        token_to_layer = self.build_token_map(backbone, head, datamodule, progress=progress)
+        self.use_token_map(token_to_layer)
+        if self.max_epochs > 0 and self.max_steps != 0:
+            from raee.hashee.training import finetune_with_token_exits
+
+            finetune_with_token_exits(
+                backbone, head, token_to_layer, datamodule, max_epochs=self.max_epochs, lr=self.lr,
+                head_lr=self.head_lr, weight_decay=self.weight_decay, warmup=self.warmup,
+                gradient_clip_val=self.gradient_clip_val, limit_train_batches=self.limit_train_batches,
+                max_steps=self.max_steps, progress=progress)
+        self.save(directory, backbone, head)
+        self.loaded = False
+
+    def save(self, directory: str | Path, backbone: LayerwiseBackbone, head: Any) -> None:
+        """Token map, backbone weights and head classifiers as safetensors, then meta.json (each atomic)."""
+        if self.token_to_layer is None:
+            raise RuntimeError("nothing to save: HashEE has no token map yet (call fit() first)")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "token_to_layer.safetensors": {"token_to_layer": self.token_to_layer},
+            "backbone.safetensors": backbone.model.state_dict(),
+            "classifiers.safetensors": head.classifiers.state_dict(),
+        }
+        for name, state in tensors.items():
+            with atomic_path(directory / name) as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+        L = backbone.num_layers
+        meta = {"method": "hashee", "settings": self.training_settings(), "num_layers": L,
+                "vocab_size": int(self.token_to_layer.numel()), "backbone": backbone.name,
+                "head": head.describe(), "label_names": list(head.label_names),
+                "types_per_layer": hashing.layer_histogram(self.token_to_layer, L)[1:]}
+        atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2))
+
+    def load(self, directory: str | Path, backbone: LayerwiseBackbone, head: Any) -> None:
+        """Restore a saved run into ``backbone`` and ``head`` (checked against them first)."""
+        directory = Path(directory)
+        meta_path = directory / "meta.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"no HashEE checkpoint at {directory} (meta.json missing): run fit() to train "
+                                    "one, or point exit.checkpoint at a directory a finished run wrote")
+        meta = json.loads(meta_path.read_text())
+        L = backbone.num_layers
+        vocab_size = int(backbone.model.get_input_embeddings().weight.shape[0])
+        problems = []
+        if meta["num_layers"] != L:
+            problems.append(f"{meta['num_layers']} layers (backbone has {L})")
+        if meta["vocab_size"] != vocab_size:
+            problems.append(f"a vocabulary of {meta['vocab_size']} (backbone has {vocab_size})")
+        if meta["label_names"] != list(head.label_names):
+            problems.append(f"classes {meta['label_names']} (head has {list(head.label_names)})")
+        if meta["settings"]["hash"] != self.hash:
+            problems.append(f"hash={meta['settings']['hash']} (asked for {self.hash})")
+        if problems:
+            raise ValueError(f"HashEE checkpoint {directory} was made for " + ", ".join(problems)
+                             + ": point exit.checkpoint elsewhere (or delete it) to train a matching one")
+        self.use_token_map(load_file(str(directory / "token_to_layer.safetensors"))["token_to_layer"])
+        device = backbone.device
+        backbone.model.load_state_dict(load_file(str(directory / "backbone.safetensors"), device=str(device)))
+        head.classifiers.load_state_dict(load_file(str(directory / "classifiers.safetensors"), device=str(device)))
+        backbone.requires_grad_(False)
+        backbone.model.eval()
+        head.eval()
+
+    # ------------------------------------------------------------------ inference
+    def prepare(self, backbone: LayerwiseBackbone, head: Any) -> None:
+        super().prepare(backbone, head)
+        self._check_backbone(backbone)
+        self._check_head(head, backbone.num_layers)
+        if self.token_to_layer is None:
+            raise RuntimeError("HashEE has no token -> layer map: call fit() (run_experiment does) or use_token_map()")
+        vocab_size = int(backbone.model.get_input_embeddings().weight.shape[0])
+        if self.token_to_layer.numel() != vocab_size:
+            raise ValueError(f"the token map covers {self.token_to_layer.numel()} ids but the backbone's vocabulary "
+                             f"has {vocab_size}: rebuild it with fit() on this backbone")
+        self.reset_flops()  # a test run begins: count its batches only
+
+    def plan(self, state: LayerState, ctx: BatchContext) -> torch.Tensor:
+        # the classification token never exits: every example is read at layer L
+        return torch.full((state.batch_size,), ctx.num_layers, dtype=torch.long, device=state.hidden.device)
+
+    def token_exits(self, state: LayerState) -> torch.Tensor:
+        """(B, T) exit layer of every token of ``state`` (looked up from its current input_ids)."""
+        if self.token_to_layer is None:
+            raise RuntimeError("HashEE has no token -> layer map: call fit() or use_token_map() first")
+        device = state.input_ids.device
+        if self._device_map is None or self._device_map.device != device:
+            self._device_map = self.token_to_layer.to(device)
+        return self._device_map[state.input_ids]
+
+    def run_layer(self, backbone: LayerwiseBackbone, state: LayerState) -> LayerState:
+        layer = state.layer + 1
+        if layer > backbone.num_layers:
+            raise ValueError(f"cannot run layer {layer}: the backbone has {backbone.num_layers} layers")
+        backbone.layer_calls[layer] += 1
+        backbone.layer_examples[layer] += state.batch_size
+        token_exit = self.token_exits(state)
+        hidden = run_token_exit_layer(backbone, layer, state, token_exit)
+        parts = layer_parts(backbone.layer_modules()[layer - 1])
+        active = active_tokens(state.attention_mask, token_exit, layer)
+        self.flops += token_exit_flops(state.attention_mask, active, parts.hidden_size, parts.intermediate_size)
+        self.full_flops += token_exit_flops(state.attention_mask, None, parts.hidden_size, parts.intermediate_size)
+        return LayerState(hidden=hidden, attention_mask=state.attention_mask, input_ids=state.input_ids,
+                          layer=layer, extras=state.extras)
+
+    # ------------------------------------------------------------------ FLOPs
+    def reset_flops(self) -> None:
+        """Forget the FLOPs counted so far (called when a test run begins)."""
+        self.flops = 0
+        self.full_flops = 0
+
+    def flops_speedup(self) -> float | None:
+        """Full-model FLOPs / HashEE FLOPs over the layers run since the last reset; None before any."""
+        if self.flops == 0:
+            return None
+        return self.full_flops / self.flops
