@@ -49,23 +49,14 @@ def prepare_head(backbone: LayerwiseBackbone, head: Head, datamodule: Any, cache
     if not head.needs_fit:
         return
     checkpoint = getattr(head, "checkpoint", None)
-    if checkpoint and (Path(checkpoint) / "head.json").exists():
-        head.load(checkpoint, backbone) if _takes_backbone(head.load) else head.load(checkpoint)
-        return
     key = fingerprint({"backbone": backbone.describe(), "head": head.describe(), "data": data_description(datamodule)})
     target = Path(checkpoint) if checkpoint else (Path(cache_dir) / "heads" / key if cache_dir else None)
     if target is not None and (target / "head.json").exists():
-        head.load(target, backbone) if _takes_backbone(head.load) else head.load(target)
+        head.load(target, backbone)
         return
     head.fit(backbone, datamodule, progress=progress)
     if target is not None:
-        head.save(target, backbone) if _takes_backbone(head.save) else head.save(target)
-
-
-def _takes_backbone(method: Any) -> bool:
-    import inspect
-
-    return "backbone" in inspect.signature(method).parameters
+        head.save(target, backbone)
 
 
 def evaluate(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, datamodule: Any,

@@ -39,13 +39,10 @@ class RaeeExit(PlannedExit):
         self.last: dict[str, torch.Tensor] = {}  # neighbours and distribution of the last batch (notebooks)
 
     def knobs(self) -> dict[str, Any]:
-        from raee.database import describe_retriever
-
-        return {"k": self.k, "aggregator": type(self.aggregator).__name__,
-                "aggregator_args": getattr(self.aggregator, "__dict__", {}) and {
-                    k: v for k, v in vars(self.aggregator).items() if isinstance(v, (int, float, str, bool))},
-                "key_encoder": self.key_encoder.describe(), "retriever": describe_retriever(self.retriever)["class"]
-                .split(":")[-1] + ":" + str(getattr(self.retriever, "factory", "exact")), "fraction": self.fraction}
+        settings = {k: v for k, v in vars(self.aggregator).items() if isinstance(v, (int, float, str, bool))}
+        return {"k": self.k, "aggregator": {"rule": type(self.aggregator).__name__, **settings},
+                "key_encoder": self.key_encoder.describe(), "retriever": self.retriever.describe(),
+                "fraction": self.fraction}
 
     def validate(self, num_layers: int) -> None:
         from raee.exits.base import check_layer

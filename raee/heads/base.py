@@ -46,6 +46,15 @@ class Head(nn.Module, ABC):
     def forward(self, state: LayerState) -> torch.Tensor:
         """(B, T, H) state of layer ``state.layer`` -> (B, C) logits."""
 
+    def fit(self, backbone: LayerwiseBackbone, datamodule: Any, progress: bool = True) -> None:
+        """Learn from the training split (heads with :attr:`needs_fit`)."""
+
+    def save(self, directory: Any, backbone: LayerwiseBackbone | None = None) -> None:
+        """Write what :meth:`fit` learned (safetensors + JSON) to ``directory``."""
+
+    def load(self, directory: Any, backbone: LayerwiseBackbone | None = None) -> None:
+        """Read what :meth:`save` wrote; ``backbone`` receives fine-tuned weights when there are any."""
+
     def describe(self) -> dict[str, Any]:
         """Fields that identify this head (stored in databases and summaries)."""
         return {"type": type(self).__name__}

@@ -69,7 +69,7 @@ class PrototypeHead(Head):
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return self.scale * pooled @ self.prototypes[state.layer].T
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, backbone: LayerwiseBackbone | None = None) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(directory / "prototypes.safetensors") as tmp:
@@ -77,7 +77,7 @@ class PrototypeHead(Head):
                       str(tmp))
         atomic_write_text(directory / "head.json", json.dumps(self.describe() | {"label_names": self.label_names}))
 
-    def load(self, directory: str | Path) -> None:
+    def load(self, directory: str | Path, backbone: LayerwiseBackbone | None = None) -> None:
         directory = Path(directory)
         meta = json.loads((directory / "head.json").read_text())
         if meta["label_names"] != self.label_names:
