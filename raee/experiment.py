@@ -125,7 +125,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"   (full model: {f(summary['full_accuracy'])}, oracle: {f(summary.get('oracle_accuracy'))} at mean layer "
         f"{f(summary.get('oracle_mean_exit_layer'), '.2f')})",
         f"  mean exit layer: {f(summary['mean_exit_layer'], '.2f')} / {summary['num_layers']}"
-        f"   layer speed-up: {f(summary['layer_speedup'], '.2f')}x",
+        f"   layer speed-up: {f(summary['layer_speedup'], '.2f')}x"
+        + (f"   FLOPs speed-up: {f(summary['flops_speedup'], '.2f')}x" if summary.get("flops_speedup") else ""),
         f"  wall-clock: {f(summary['wall_time_s'], '.3f')} s   full model: {f(summary['full_wall_time_s'], '.3f')} s"
         f"   speed-up: {f(summary['wall_speedup'], '.2f')}x   throughput: {f(summary['throughput'], '.1f')} ex/s",
         f"  retrieval: {f(summary['retrieval_time_s'], '.3f')} s ({f((summary['retrieval_share'] or 0) * 100, '.1f')}% "

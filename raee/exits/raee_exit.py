@@ -41,7 +41,8 @@ class RaeeExit(PlannedExit):
     def knobs(self) -> dict[str, Any]:
         settings = {k: v for k, v in vars(self.aggregator).items() if isinstance(v, (int, float, str, bool))}
         return {"k": self.k, "aggregator": {"rule": type(self.aggregator).__name__, **settings},
-                "key_encoder": self.key_encoder.describe(), "retriever": self.retriever.describe(),
+                "key_encoder": self.key_encoder.describe(),
+                "retriever": {k: v for k, v in self.retriever.describe().items() if v is not None},
                 "fraction": self.fraction}
 
     def validate(self, num_layers: int) -> None:
