@@ -107,3 +107,134 @@ def test_confidence_threshold_falls_back_when_the_distribution_is_flat():
     assert choose(ConfidenceThreshold(base, 0.25), [[0.1, 0.2]], [[0, 2]])[0] == [1]
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         ConfidenceThreshold(base, 1.5)
+
+
+def test_robust_rule_takes_exactly_top_p_entries_earliest_first_on_equal_probabilities():
+    # ex: right at every layer with equal probability 0.5 (< threshold): top_p=2 keeps layers 0 and 1 only
+    info = ExitInfo(preds=torch.zeros(1, 4, dtype=torch.long), probs=torch.full((1, 4), 0.5),
+                    correct=torch.ones(1, 4, dtype=torch.bool), labels=torch.zeros(1, dtype=torch.long))
+    layers, dist = RobustAggregator(threshold=0.9, top_p=2).choose(torch.tensor([[0.3]]), torch.tensor([[0]]), info)
+    assert layers.tolist() == [0]
+    assert dist[0].tolist() == [0.5, 0.5, 0.0, 0.0]
+
+
+def test_robust_rule_threshold_and_top_p_by_hand():
+    # query: ex0 (d=0.2, weight 1), ex1 (d=0.4, weight 0.5), ex2 (d=0.8, weight 0.25)
+    dists, ids = [[0.2, 0.4, 0.8]], [[0, 1, 2]]
+    # threshold 0.9: ex0 -> l2 0.95, l3 0.97; ex1 none confident -> top 1 correct: l3 0.8; ex2 -> l0 0.92, l3 0.99
+    # scores: l0 0.25*0.92=0.23, l2 0.95, l3 0.97 + 0.4 + 0.2475 = 1.6175
+    layers, dist = choose(RobustAggregator(threshold=0.9, top_p=1), dists, ids)
+    expected = torch.tensor([0.23, 0.0, 0.95, 1.6175])
+    torch.testing.assert_close(dist[0], expected / expected.sum())
+    assert layers == [3]
+    # threshold 0.6: ex0 -> l2, l3 (l1 = 0.6 counts too: >= threshold); ex1 -> l3 0.8; ex2 -> all four
+    # scores: l0 0.23, l1 0.6 + 0.175 = 0.775, l2 0.95 + 0.175 = 1.125, l3 0.97 + 0.4 + 0.2475 = 1.6175
+    layers, dist = choose(RobustAggregator(threshold=0.6, top_p=1), dists, ids)
+    expected = torch.tensor([0.23, 0.775, 1.125, 1.6175])
+    torch.testing.assert_close(dist[0], expected / expected.sum())
+    # threshold 1.0 (nothing confident), top_p = 1: each neighbour's single most probable correct layer:
+    # ex0 l3 0.97 (w 1), ex1 l3 0.8 (w 0.5), ex2 l3 0.99 (w 0.25) -> only layer 3
+    layers, dist = choose(RobustAggregator(threshold=1.0, top_p=1), dists, ids)
+    assert layers == [3] and dist[0].tolist() == [0.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="top_p=0"):
+        RobustAggregator(top_p=0)
+
+
+def test_robust_rule_can_exit_early_when_near_neighbours_agree():
+    # ex2 (d=0.1, w 1): l0 0.92, l3 0.99; ex0 (d=1.0, w 0.1): l2 0.95, l3 0.97
+    # scores: l0 0.92, l2 0.095, l3 0.99 + 0.097 = 1.087 -> layer 3
+    assert choose(RobustAggregator(), [[0.1, 1.0]], [[2, 0]])[0] == [3]
+    # a table that is surest early: ex0 right at layers 0 and 1 only (0.95, 0.97), ex1 never right.
+    # ex1 is nearer (d=0.01, weight 1) but has no entries; ex0 weighs 0.01 / 0.05 = 0.2
+    info = ExitInfo(preds=torch.zeros(2, 3, dtype=torch.long), probs=torch.tensor([[0.95, 0.97, 0.5], [0.3, 0.4, 0.5]]),
+                    correct=torch.tensor([[True, True, False], [False, False, False]]),
+                    labels=torch.zeros(2, dtype=torch.long))
+    layers, dist = RobustAggregator().choose(torch.tensor([[0.05, 0.01]]), torch.tensor([[0, 1]]), info)
+    assert layers.tolist() == [1]  # scores l0 0.19, l1 0.194, l2 0
+    torch.testing.assert_close(dist[0], torch.tensor([0.95, 0.97, 0.0]) / 1.92)
+
+
+def test_invalid_neighbours_contribute_nothing():
+    # the invalid hits (id -1, infinite distance) sit closest; the answer is the one of ex1 alone
+    ids, dists = [[-1, 2, 1]], [[0.0, float("inf"), 0.3]]
+    for rule in (RobustAggregator(), CorrectLayerVote(), EarliestCorrectVote(), SimilarityWeightedVote()):
+        layers, dist = choose(rule, dists, ids)
+        assert layers == [3] and dist[0].tolist() == [0.0, 0.0, 0.0, 1.0], type(rule).__name__
+
+
+def test_earliest_vote_ties_go_to_the_earliest_layer():
+    # ex0 votes 1, ex2 votes 0: one vote each -> layer 0; distribution [0.5, 0.5, 0, 0]
+    layers, dist = choose(EarliestCorrectVote(), [[0.1, 0.2]], [[0, 2]])
+    assert layers == [0] and dist[0].tolist() == [0.5, 0.5, 0.0, 0.0]
+    # ex3 (never right) votes L, ex0 votes 1 -> tie -> 1
+    assert choose(EarliestCorrectVote(), [[0.1, 0.2]], [[3, 0]])[0] == [1]
+
+
+def test_confidence_keeps_the_base_distribution_and_confident_choices():
+    base = RobustAggregator(threshold=0.9)
+    rule = ConfidenceThreshold(base, 0.5)
+    dists, ids = [[0.3], [0.1]], [[1], [0]]
+    # q0: ex1 alone, no confident entry -> top 3 correct = only l3 -> distribution one-hot at 3 (max 1)
+    # q1: ex0 alone: l2 0.95, l3 0.97 -> max 0.97/1.92 = 0.505 >= 0.5 -> keep 3
+    layers, dist = choose(rule, dists, ids)
+    base_layers, base_dist = choose(base, dists, ids)
+    assert torch.equal(dist, base_dist) and layers == base_layers == [3, 3]
+    # where the fallback changes the answer: CorrectLayerVote on ex0 + ex2 picks layer 1 with 2/7 = 0.286
+    assert choose(ConfidenceThreshold(CorrectLayerVote(), 0.0), [[0.1, 0.2]], [[0, 2]])[0] == [1]
+    assert choose(ConfidenceThreshold(CorrectLayerVote(), 1.0), [[0.1, 0.2]], [[0, 2]])[0] == [3]
+    with pytest.raises(ValueError, match="aggregation rule"):
+        ConfidenceThreshold("robust", 0.5)
+
+
+@pytest.mark.parametrize("rule", [RobustAggregator(), RobustAggregator(0.5, 1), CorrectLayerVote(),
+                                  EarliestCorrectVote(), SimilarityWeightedVote(0.05),
+                                  ConfidenceThreshold(SimilarityWeightedVote(0.05), 0.3)])
+def test_batched_choice_equals_one_query_at_a_time(rule):
+    """Vectorised over queries: a batch gives what each query gives alone (random tables, -1 hits)."""
+    gen = torch.Generator().manual_seed(0)
+    n, layers_, q, k = 30, 6, 25, 5
+    probs = torch.rand(n, layers_, generator=gen)
+    correct = torch.rand(n, layers_, generator=gen) < 0.4
+    info = ExitInfo(preds=torch.zeros(n, layers_, dtype=torch.long), probs=probs, correct=correct,
+                    labels=torch.zeros(n, dtype=torch.long))
+    ids = torch.randint(0, n, (q, k), generator=gen)
+    ids[torch.rand(q, k, generator=gen) < 0.2] = -1
+    ids[0] = -1  # one query with no valid neighbour at all
+    dists = torch.rand(q, k, generator=gen)
+    layers, dist = rule.choose(dists, ids, info)
+    assert layers.shape == (q,) and layers.dtype == torch.long and dist.shape == (q, layers_)
+    assert dist.dtype == torch.float32 and torch.allclose(dist.sum(-1), torch.ones(q)) and (dist >= 0).all()
+    assert layers[0] == layers_ - 1
+    for i in range(q):
+        one_layer, one_dist = rule.choose(dists[i:i + 1], ids[i:i + 1], info)
+        assert one_layer.item() == layers[i].item()
+        torch.testing.assert_close(one_dist[0], dist[i])
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="outside the exit database .4 examples.*build_db"):
+        RobustAggregator().choose(torch.tensor([[0.1]]), torch.tensor([[4]]), INFO)
+    with pytest.raises(ValueError, match=r"must both be \(Q, k\)"):
+        CorrectLayerVote().choose(torch.tensor([0.1, 0.2]), torch.tensor([[0, 1]]), INFO)
+    with pytest.raises(ValueError, match="ExitInfo.probs has shape"):
+        ExitInfo(preds=torch.zeros(4, 4, dtype=torch.long), probs=PROBS[:, :3], correct=CORRECT,
+                 labels=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="ExitInfo.labels"):
+        ExitInfo(preds=torch.zeros(4, 4, dtype=torch.long), probs=PROBS, correct=CORRECT,
+                 labels=torch.zeros(3, dtype=torch.long))
+    assert INFO.num_layers == 3 and INFO.size == 4
+
+
+def test_aggregator_configs_instantiate():
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "aggregator"
+    expected = {"robust": RobustAggregator, "correct_vote": CorrectLayerVote, "earliest_vote": EarliestCorrectVote,
+                "weighted_vote": SimilarityWeightedVote, "confidence": ConfidenceThreshold}
+    for name, cls in expected.items():
+        assert type(instantiate(OmegaConf.load(conf / f"{name}.yaml"))) is cls
+    confidence = instantiate(OmegaConf.load(conf / "confidence.yaml"))
+    assert isinstance(confidence.base, RobustAggregator)

@@ -1,4 +1,7 @@
-"""Aggregation rules: neighbours' exit information -> a distribution over layers -> an exit layer."""
+"""Aggregation rules: neighbours' exit information -> a distribution over layers -> an exit layer.
+
+Shapes: Q queries, k neighbours each, N database examples, L+1 layers (0 = embeddings).
+"""
 
 from __future__ import annotations
 
@@ -13,53 +16,89 @@ class ExitInfo:
     """Exit information of the N database examples (L+1 layers, 0 = embeddings)."""
 
     preds: torch.Tensor  # (N, L+1) long: predicted class at each layer
-    probs: torch.Tensor  # (N, L+1) float: probability of that prediction
+    probs: torch.Tensor  # (N, L+1) float: probability of that prediction (max softmax probability)
     correct: torch.Tensor  # (N, L+1) bool: prediction == label
     labels: torch.Tensor  # (N,) long
 
+    def __post_init__(self) -> None:
+        shape = tuple(self.correct.shape)
+        if len(shape) != 2 or shape[1] < 1:
+            raise ValueError(f"ExitInfo.correct must be (N, L+1), got shape {shape}")
+        for name in ("preds", "probs"):
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"ExitInfo.{name} has shape {tuple(getattr(self, name).shape)}, "
+                                 f"ExitInfo.correct has {shape}: all per-layer tables must be (N, L+1)")
+        if tuple(self.labels.shape) != shape[:1]:
+            raise ValueError(f"ExitInfo.labels has shape {tuple(self.labels.shape)}, expected ({shape[0]},)")
+
     @property
     def num_layers(self) -> int:
-        return int(self.preds.shape[1]) - 1
+        """L (the tables have L+1 columns)."""
+        return int(self.correct.shape[1]) - 1
+
+    @property
+    def size(self) -> int:
+        """N, the number of database examples."""
+        return int(self.correct.shape[0])
 
 
 @dataclass
 class Neighbours:
-    """The k retrieved neighbours of Q queries, gathered from the database."""
+    """The k retrieved neighbours of Q queries, with their rows of the exit tables."""
 
-    valid: torch.Tensor  # (Q, k) bool: a real hit (id >= 0, finite distance)
-    distances: torch.Tensor  # (Q, k) float, smaller = nearer (0 where invalid)
+    valid: torch.Tensor  # (Q, k) bool: a real hit (id >= 0 and finite distance)
+    distances: torch.Tensor  # (Q, k) float, smaller = nearer; 0 where invalid
     correct: torch.Tensor  # (Q, k, L+1) bool, False where invalid
     probs: torch.Tensor  # (Q, k, L+1) float, 0 where invalid
 
 
 def gather_neighbours(distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo) -> Neighbours:
-    ids = ids.long()
-    distances = distances.float()
+    """distances (Q, k), ids (Q, k) (-1 = no hit) -> the neighbours' exit-table rows and validity mask.
+
+    Works on the device of ``info``; ids beyond the database are an error (index and database differ).
+    """
+    device = info.correct.device
+    ids = torch.as_tensor(ids, device=device).long()
+    distances = torch.as_tensor(distances, device=device).float()
+    if ids.ndim != 2 or ids.shape != distances.shape:
+        raise ValueError(f"distances {tuple(distances.shape)} and ids {tuple(ids.shape)} must both be (Q, k)")
+    if ids.numel() and int(ids.max()) >= info.size:
+        raise ValueError(f"neighbour id {int(ids.max())} is outside the exit database ({info.size} examples): the "
+                         "index and the exit tables do not match; rebuild the database with `python -m raee.build_db`")
     valid = (ids >= 0) & torch.isfinite(distances)
-    safe = ids.clamp(min=0)
-    correct = info.correct[safe] & valid.unsqueeze(-1)
-    probs = torch.where(valid.unsqueeze(-1), info.probs[safe].float(), torch.zeros(()))
-    return Neighbours(valid=valid, distances=torch.where(valid, distances, torch.zeros(())), correct=correct,
-                      probs=probs)
+    rows = ids.clamp(min=0)
+    correct = info.correct[rows].bool() & valid.unsqueeze(-1)
+    probs = torch.where(valid.unsqueeze(-1), info.probs[rows].float(), torch.zeros((), device=device))
+    return Neighbours(valid=valid, distances=torch.where(valid, distances, torch.zeros((), device=device)),
+                      correct=correct, probs=probs)
 
 
 def argmax_earliest(scores: torch.Tensor) -> torch.Tensor:
-    """(Q, L+1) -> (Q,) index of the maximum, the earliest layer on ties."""
-    return scores.argmax(dim=-1)  # torch returns the first maximal index
+    """(Q, L+1) -> (Q,) index of the maximum; the earliest layer on ties."""
+    return scores.argmax(dim=-1)  # torch documents that the first maximal index is returned
 
 
-def finish(scores: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores (Q, L+1) -> (exit layers, normalised distribution); rows in ``empty`` exit at L."""
-    last = scores.shape[1] - 1
+def finish(scores: torch.Tensor, empty: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-negative scores (Q, L+1) -> (exit layers (Q,) long, distribution (Q, L+1) summing to 1).
+
+    Rows in ``empty`` (Q,) bool, or whose scores sum to 0, exit at L with a one-hot distribution on L.
+    """
+    scores = scores.float()
+    last = scores.shape[-1] - 1
+    total = scores.sum(-1, keepdim=True)  # (Q, 1)
+    empty = ~(total.squeeze(-1) > 0) if empty is None else empty | ~(total.squeeze(-1) > 0)
+    fallback = torch.zeros_like(scores)
+    fallback[:, last] = 1.0
+    distribution = torch.where(empty.unsqueeze(-1), fallback, scores / total.clamp(min=torch.finfo(scores.dtype).tiny))
     layers = torch.where(empty, torch.full_like(empty, last, dtype=torch.long), argmax_earliest(scores))
-    total = scores.sum(-1, keepdim=True)
-    distribution = torch.where(total > 0, scores / total.clamp(min=1e-12), torch.zeros_like(scores))
-    distribution[empty] = torch.nn.functional.one_hot(torch.tensor(last), scores.shape[1]).float()
     return layers, distribution
 
 
 class Aggregator(ABC):
+    """One rule that turns the retrieved neighbours into an exit layer per query."""
+
     @abstractmethod
     def choose(self, distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo) -> tuple[torch.Tensor, torch.Tensor]:
-        """distances (Q, k) smaller = nearer, ids (Q, k) (-1 = no hit) ->
-        (exit layers (Q,) long, distribution over layers (Q, L+1) float summing to 1)."""
+        """distances (Q, k) float, smaller = nearer; ids (Q, k) long (-1 = no hit) ->
+        (exit layers (Q,) long in 0..L, distribution over layers (Q, L+1) float summing to 1).
+        Invalid neighbours (id -1, non-finite distance) weigh 0; with nothing to go on the exit is L."""

@@ -1,4 +1,5 @@
-"""The RAEE paper's v1 rule: distribution(l) = share of neighbours that layer l gets right."""
+"""The RAEE paper's v1 rule: distribution(l) = share of the valid neighbours that layer l gets right;
+exit at the argmax (earliest on ties), or at L when no neighbour is right anywhere."""
 
 from __future__ import annotations
 
@@ -10,5 +11,4 @@ from raee.aggregation.base import Aggregator, ExitInfo, finish, gather_neighbour
 class CorrectLayerVote(Aggregator):
     def choose(self, distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo) -> tuple[torch.Tensor, torch.Tensor]:
         nb = gather_neighbours(distances, ids, info)
-        scores = nb.correct.float().sum(1)  # (Q, L+1)
-        return finish(scores, empty=scores.sum(-1) == 0)
+        return finish(nb.correct.float().sum(1))  # (Q, L+1) counts; all-zero rows exit at L

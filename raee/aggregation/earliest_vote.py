@@ -1,5 +1,5 @@
-"""Each neighbour votes for its earliest correct layer (the last layer if it has none);
-exit at the most voted layer (earliest on ties)."""
+"""Each valid neighbour votes for its earliest correct layer (for L if no layer gets it right);
+exit at the most voted layer (earliest on ties), or at L with no valid neighbour."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ class EarliestCorrectVote(Aggregator):
     def choose(self, distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo) -> tuple[torch.Tensor, torch.Tensor]:
         nb = gather_neighbours(distances, ids, info)
         last = nb.correct.shape[-1] - 1
-        earliest = torch.where(nb.correct.any(-1), nb.correct.float().argmax(-1), torch.full_like(ids, last).long())
+        # argmax over a bool row returns its first True, i.e. the earliest correct layer
+        earliest = torch.where(nb.correct.any(-1), nb.correct.to(torch.uint8).argmax(-1),
+                               torch.full_like(nb.valid, last, dtype=torch.long))  # (Q, k)
         votes = torch.nn.functional.one_hot(earliest, last + 1).float() * nb.valid.unsqueeze(-1)
-        scores = votes.sum(1)
-        return finish(scores, empty=~nb.valid.any(-1))
+        return finish(votes.sum(1), empty=~nb.valid.any(-1))

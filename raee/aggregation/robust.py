@@ -1,10 +1,10 @@
-"""The RAEE paper's (v2, "robust") rule, the default.
+"""The RAEE paper's v2 ("robust") rule, the default aggregator.
 
 weight_j = min valid distance / distance_j (the nearest neighbour weighs 1). From each
-neighbour's exit table (layers that predict it correctly, with their probabilities) take the
-entries with probability >= threshold, or, if none, its ``top_p`` most probable entries.
+neighbour's exit table (the layers that predict it correctly, with their probabilities) take the
+entries with probability >= threshold, or, if it has none, its ``top_p`` most probable entries.
 score(layer) = sum of prob * weight over those entries; exit at the argmax (earliest on ties),
-or at the last layer when no neighbour has any correct layer.
+or at the last layer L when no neighbour has any entry.
 """
 
 from __future__ import annotations
@@ -13,27 +13,28 @@ import torch
 
 from raee.aggregation.base import Aggregator, ExitInfo, finish, gather_neighbours
 
-EPS = 1e-6  # keeps exact duplicates (distance 0) at weight 1 and the rest finite
+#: distances are floored here, so an exact duplicate (distance 0) weighs 1 and the others stay finite
+EPS = 1e-6
 
 
 class RobustAggregator(Aggregator):
     def __init__(self, threshold: float = 0.9, top_p: int = 3) -> None:
-        if top_p < 1:
-            raise ValueError(f"aggregator.top_p={top_p} must be at least 1")
+        if int(top_p) < 1:
+            raise ValueError(f"aggregator.top_p={top_p} must be at least 1 (entries kept per unsure neighbour)")
         self.threshold = float(threshold)
         self.top_p = int(top_p)
 
     def choose(self, distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo) -> tuple[torch.Tensor, torch.Tensor]:
         nb = gather_neighbours(distances, ids, info)
-        d = nb.distances + EPS
+        d = nb.distances.clamp(min=EPS)  # (Q, k)
         dmin = torch.where(nb.valid, d, torch.full_like(d, float("inf"))).min(dim=1, keepdim=True).values
-        weights = torch.where(nb.valid, dmin / d, torch.zeros_like(d))  # (Q, k)
-        entry = torch.where(nb.correct, nb.probs, torch.full_like(nb.probs, -1.0))  # -1 marks "not in the table"
-        confident = nb.correct & (nb.probs >= self.threshold)
-        # neighbours with no confident entry fall back to their top_p correct entries by probability
-        top = min(self.top_p, entry.shape[-1])
-        kth = entry.topk(top, dim=-1).values[..., -1:]  # (Q, k, 1)
-        fallback = nb.correct & (entry >= kth) & ~confident.any(-1, keepdim=True)
-        chosen = confident | fallback
+        weights = torch.where(nb.valid, dmin / d, torch.zeros_like(d))  # (Q, k), nearest = 1
+        confident = nb.correct & (nb.probs >= self.threshold)  # (Q, k, L+1)
+        # top_p entries of the table by probability: a stable descending sort keeps the earlier
+        # layer first among equal probabilities, so exactly top_p entries are taken
+        entry = torch.where(nb.correct, nb.probs, torch.full_like(nb.probs, -1.0))  # -1 = not in the table
+        order = torch.sort(entry, dim=-1, descending=True, stable=True).indices[..., : self.top_p]
+        top = torch.zeros_like(nb.correct).scatter_(-1, order, True) & nb.correct
+        chosen = torch.where(confident.any(-1, keepdim=True), confident, top)  # (Q, k, L+1)
         scores = (torch.where(chosen, nb.probs, torch.zeros_like(nb.probs)) * weights.unsqueeze(-1)).sum(1)
-        return finish(scores, empty=~chosen.any(-1).any(-1))
+        return finish(scores, empty=~chosen.flatten(1).any(-1))

@@ -1,7 +1,8 @@
-"""The retriever interface (nearest-neighbour search over the exit database's keys)."""
+"""The retriever interface (nearest-neighbour search over the exit database's keys) and helpers."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 
 METRICS = ("ip", "l2")
+META_FILE = "retriever.json"
+REBUILD_HINT = "rebuild the database with `python -m raee.build_db`"
 
 
 class Retriever(ABC):
@@ -19,6 +22,8 @@ class Retriever(ABC):
     metric "ip": inner product (cosine for L2-normalised keys), higher is nearer;
     metric "l2": squared Euclidean distance, lower is nearer.
     """
+
+    metric: str
 
     def __init__(self, metric: str = "ip") -> None:
         if metric not in METRICS:
@@ -32,7 +37,12 @@ class Retriever(ABC):
     @property
     @abstractmethod
     def ntotal(self) -> int:
-        """Number of stored keys."""
+        """Number of stored keys (0 before add)."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int | None:
+        """Key dimension D (None before the first add)."""
 
     @abstractmethod
     def add(self, keys: np.ndarray) -> None:
@@ -40,11 +50,11 @@ class Retriever(ABC):
 
     @abstractmethod
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Search with 1 <= k <= ntotal."""
+        """(Q, D) contiguous float32 queries, 1 <= k <= ntotal -> scores (Q, k), ids (Q, k)."""
 
     @abstractmethod
     def save(self, directory: str | Path) -> None:
-        """Write the index into ``directory`` (atomically)."""
+        """Write the index into ``directory`` (atomically, file by file)."""
 
     @classmethod
     @abstractmethod
@@ -52,6 +62,7 @@ class Retriever(ABC):
         """Read an index written by :meth:`save`."""
 
     def describe(self) -> dict[str, Any]:
+        """The settings that define the index (stored in the database's metadata and compared on reuse)."""
         return {"metric": self.metric}
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,12 +72,17 @@ class Retriever(ABC):
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2:
             raise ValueError(f"queries must be a (Q, D) matrix, got shape {queries.shape}")
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"queries have dimension {queries.shape[1]} but the index holds {self.dim}-dimensional "
+                             "keys: the key encoder differs from the one that built the database; " + REBUILD_HINT)
         k = clamp_k(k, self.ntotal)
         scores, ids = self._search(queries, k)
-        return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
+        return np.asarray(scores, dtype=np.float32), np.asarray(ids, dtype=np.int64)
 
 
 def clamp_k(k: int, ntotal: int) -> int:
+    """k limited to the number of stored keys, with a warning naming both numbers."""
+    k = int(k)
     if k < 1:
         raise ValueError(f"k={k} must be at least 1")
     if k > ntotal:
@@ -75,19 +91,40 @@ def clamp_k(k: int, ntotal: int) -> int:
     return k
 
 
-def to_distances(scores: torch.Tensor, metric: str) -> torch.Tensor:
-    """Scores -> non-negative distances, smaller = nearer: 1 - cosine for ip, as is for l2.
-    Non-finite scores (FAISS pads missing hits with -inf / +inf / huge values) stay non-finite."""
-    scores = scores.float()
-    if metric == "ip":
-        return (1.0 - scores).clamp(min=0.0)
-    return scores.clamp(min=0.0)
+def to_distances(scores: torch.Tensor | np.ndarray, metric: str) -> torch.Tensor:
+    """Search scores (Q, k) -> float distances (Q, k), smaller = nearer, as the aggregators expect.
+
+    "ip": 1 - score (1 - cosine on normalised keys), clamped at 0 (rounding can push cosine above 1);
+    "l2": the squared distance as is, clamped at 0 (rounding can make it slightly negative).
+    Non-finite scores stay non-finite, so the aggregators treat those neighbours as invalid.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric='{metric}' is unknown: choose one of {METRICS}")
+    scores = torch.as_tensor(scores).float()
+    return (1.0 - scores if metric == "ip" else scores).clamp(min=0.0)
 
 
 def check_keys(keys: np.ndarray, dim: int | None = None) -> np.ndarray:
+    """(N, D) keys as a contiguous float32 array; refuses empty, non-2-D, non-finite or wrong-width keys."""
     keys = np.ascontiguousarray(keys, dtype=np.float32)
-    if keys.ndim != 2 or keys.shape[0] == 0:
+    if keys.ndim != 2 or keys.shape[0] == 0 or keys.shape[1] == 0:
         raise ValueError(f"keys must be a non-empty (N, D) matrix, got shape {keys.shape}")
     if dim is not None and keys.shape[1] != dim:
         raise ValueError(f"keys have dimension {keys.shape[1]} but the index holds {dim}-dimensional keys")
+    if not np.isfinite(keys).all():
+        raise ValueError("keys contain NaN or infinite values: check the key encoder's output")
     return keys
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """The JSON metadata a retriever wrote beside its index, with clear errors when missing or damaged."""
+    path = directory / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"index metadata {path} is missing: {REBUILD_HINT}")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"index metadata {path} is not valid JSON ({err}): {REBUILD_HINT}") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"index metadata {path} is not a JSON object: {REBUILD_HINT}")
+    return meta

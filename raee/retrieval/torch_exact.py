@@ -1,5 +1,8 @@
-"""Exact search with a torch matmul + top-k: works everywhere (CPU or GPU) and is the
-reference the FAISS retrievers are tested against."""
+"""Exact search with a torch matmul + top-k: works everywhere (CPU or GPU, no FAISS needed) and
+is the reference the FAISS retrievers are tested against.
+
+On disk: ``keys.safetensors`` (the (N, D) keys) and ``retriever.json`` (metric, dim, ntotal, device).
+"""
 
 from __future__ import annotations
 
@@ -12,54 +15,98 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raee.atomic import atomic_path, atomic_write_text
-from raee.retrieval.base import Retriever, check_keys
+from raee.retrieval.base import META_FILE, REBUILD_HINT, Retriever, check_keys, read_meta
+
+KEYS_FILE = "keys.safetensors"
+#: score-matrix entries per query chunk (~128 MB of float32): bounds memory for large databases
+CHUNK_ELEMENTS = 1 << 25
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> the GPU when torch sees one, else the CPU; anything else as torch understands it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"retriever.device={device} but torch sees no GPU: use device=cpu or device=auto")
+    return dev
 
 
 class TorchExactRetriever(Retriever):
+    """Brute-force search: ip = q @ K^T (top-k largest); l2 = |q|^2 - 2 q.K + |K|^2 (top-k smallest),
+    the same expansion FAISS's flat L2 index uses, so both rank alike."""
+
     def __init__(self, metric: str = "ip", device: str = "cpu") -> None:
         super().__init__(metric)
-        self.device = device
-        self.keys = torch.zeros(0, 0)
+        self.device_name = str(device)
+        self.device = resolve_device(self.device_name)
+        self.keys = torch.zeros(0, 0, device=self.device)  # (N, D)
+        self._sq_norms = torch.zeros(0, device=self.device)  # (N,) |K|^2 for l2
 
     @property
     def ntotal(self) -> int:
         return int(self.keys.shape[0])
 
+    @property
+    def dim(self) -> int | None:
+        return int(self.keys.shape[1]) if self.ntotal else None
+
     def add(self, keys: np.ndarray) -> None:
-        new = torch.from_numpy(check_keys(keys, self.keys.shape[1] if self.ntotal else None)).to(self.device)
-        self.keys = torch.cat([self.keys.to(self.device), new]) if self.ntotal else new
+        new = torch.from_numpy(check_keys(keys, self.dim)).to(self.device)
+        self.keys = torch.cat([self.keys, new]) if self.ntotal else new
+        self._sq_norms = (self.keys * self.keys).sum(1)
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = torch.from_numpy(queries).to(self.device)
-        if self.metric == "ip":
-            scores, ids = (q @ self.keys.T).topk(k, dim=1)
-        else:
-            # squared L2 as FAISS reports it
-            d = (q * q).sum(1, keepdim=True) - 2 * q @ self.keys.T + (self.keys * self.keys).sum(1)
-            scores, ids = d.clamp(min=0).topk(k, dim=1, largest=False)
-        return scores.cpu().numpy(), ids.cpu().numpy()
+        q_all = torch.from_numpy(queries).to(self.device)
+        rows = max(1, CHUNK_ELEMENTS // max(1, self.ntotal))
+        scores, ids = [], []
+        for start in range(0, q_all.shape[0], rows):
+            q = q_all[start:start + rows]
+            if self.metric == "ip":
+                s, i = (q @ self.keys.T).topk(k, dim=1)
+            else:
+                d = (q * q).sum(1, keepdim=True) - 2.0 * (q @ self.keys.T) + self._sq_norms
+                s, i = d.clamp(min=0.0).topk(k, dim=1, largest=False)
+            scores.append(s.cpu())
+            ids.append(i.cpu())
+        if not scores:  # zero queries
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return torch.cat(scores).numpy(), torch.cat(ids).numpy()
 
     def save(self, directory: str | Path) -> None:
+        if self.ntotal == 0:
+            raise ValueError("nothing to save: the retriever is empty (add() keys first)")
         directory = Path(directory)
-        with atomic_path(directory / "keys.safetensors") as tmp:
-            save_file({"keys": self.keys.cpu().contiguous()}, str(tmp))
-        atomic_write_text(directory / "retriever.json", json.dumps(self.describe()))
+        with atomic_path(directory / KEYS_FILE) as tmp:
+            save_file({"keys": self.keys.detach().cpu().contiguous()}, str(tmp))
+        meta = self.describe() | {"dim": self.dim, "ntotal": self.ntotal, "device": self.device_name}
+        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "TorchExactRetriever":
+    def load(cls, directory: str | Path, device: str | None = None) -> "TorchExactRetriever":
+        """Read keys written by :meth:`save`; ``device`` overrides the saved one (a CPU machine can
+        read a database built on a GPU: a saved "cuda" falls back to the CPU when no GPU is seen)."""
         directory = Path(directory)
-        path = directory / "keys.safetensors"
+        path = directory / KEYS_FILE
         if not path.exists():
-            raise FileNotFoundError(f"index file {path} is missing: rebuild the database with `python -m raee.build_db`")
-        meta = json.loads((directory / "retriever.json").read_text())
+            raise FileNotFoundError(f"index file {path} is missing: {REBUILD_HINT}")
+        meta = read_meta(directory)
         try:
             keys = load_file(str(path))["keys"]
         except Exception as err:  # safetensors raises its own error types on damaged files
-            raise ValueError(f"index file {path} is unreadable ({err}): rebuild the database with "
-                             "`python -m raee.build_db`") from err
-        out = cls(metric=meta["metric"])
-        out.keys = keys
+            raise ValueError(f"index file {path} is truncated or corrupt ({err}): {REBUILD_HINT}") from err
+        if keys.ndim != 2 or int(keys.shape[0]) != meta.get("ntotal", keys.shape[0]) \
+                or int(keys.shape[1]) != meta.get("dim", keys.shape[1]):
+            raise ValueError(f"index file {path} holds keys of shape {tuple(keys.shape)}, its metadata says "
+                             f"({meta.get('ntotal')}, {meta.get('dim')}): {REBUILD_HINT}")
+        if device is None:
+            device = meta.get("device", "cpu")
+            if str(device).startswith("cuda") and not torch.cuda.is_available():
+                device = "cpu"
+        out = cls(metric=meta.get("metric", "ip"), device=device)
+        out.add(keys.numpy())
         return out
 
     def describe(self) -> dict[str, Any]:
+        # the device is deliberately absent: the same keys on another device are the same index
         return {"type": "torch_exact", "metric": self.metric}
