@@ -28,34 +28,42 @@ from raee.features import encode_batch  # noqa: E402
 from raee.run import CONF_DIR  # noqa: E402
 
 
-def time_strategy(backbone, head, strategy, batches, repeats: int) -> dict[str, float]:
-    """Median over repeats of the summed per-phase seconds over ``batches``."""
-    totals: dict[str, list[float]] = {}
-    run_early_exit(backbone, head, strategy, batches[0][0], batches[0][1]())  # warm-up
+def time_once(backbone, head, strategy, batches) -> dict[str, float]:
+    """Summed per-phase seconds of one pass of ``strategy`` over ``batches``."""
+    phase = {"total": 0.0}
+    for inputs, make_ctx in batches:
+        ctx = make_ctx()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = run_early_exit(backbone, head, strategy, inputs, ctx)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        phase["total"] += time.perf_counter() - start
+        for key, value in ctx.timings.items():
+            phase[key] = phase.get(key, 0.0) + value
+        phase["mean_exit_layer"] = phase.get("mean_exit_layer", 0.0) + float(result.exit_layers.float().sum())
+    return phase
+
+
+def time_interleaved(backbone, head, strategies: dict, batches, repeats: int) -> dict[str, dict[str, float]]:
+    """Median per-phase seconds of each strategy; strategies alternate within every repeat so that
+    drift of a shared machine's speed hits them alike."""
+    for strategy in strategies.values():  # warm-up
+        run_early_exit(backbone, head, strategy, batches[0][0], batches[0][1]())
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in strategies}
     for _ in range(repeats):
-        phase = {"total": 0.0}
-        for inputs, make_ctx in batches:
-            ctx = make_ctx()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            result = run_early_exit(backbone, head, strategy, inputs, ctx)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            phase["total"] += time.perf_counter() - start
-            for key, value in ctx.timings.items():
-                phase[key] = phase.get(key, 0.0) + value
-            phase["mean_exit_layer"] = phase.get("mean_exit_layer", 0.0) + float(result.exit_layers.float().sum())
-        for key, value in phase.items():
-            totals.setdefault(key, []).append(value)
-    return {k: statistics.median(v) for k, v in totals.items()}
+        for name, strategy in strategies.items():
+            for key, value in time_once(backbone, head, strategy, batches).items():
+                samples[name].setdefault(key, []).append(value)
+    return {name: {k: statistics.median(v) for k, v in phases.items()} for name, phases in samples.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. retriever=faiss_hnsw")
     parser.add_argument("--examples", type=int, default=64, help="test examples timed per batch size")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     args = parser.parse_args()
 
@@ -84,8 +92,8 @@ def main() -> None:
             inputs = encode_batch(backbone, head, {"text": chunk, "text_pair": None})
             batches.append((inputs, lambda c=chunk: BatchContext(num_layers=backbone.num_layers, batch_size=len(c),
                                                                  texts=c)))
-        r = time_strategy(backbone, head, raee_exit, batches, args.repeats)
-        f = time_strategy(backbone, head, FullModel(), batches, args.repeats)
+        timed = time_interleaved(backbone, head, {"raee": raee_exit, "full": FullModel()}, batches, args.repeats)
+        r, f = timed["raee"], timed["full"]
         nb = len(batches)
         retrieval = r.get("retrieval_keys", 0) + r.get("retrieval_search", 0) + r.get("retrieval_aggregate", 0)
         print(f"{bs:>5} {1e3 * r.get('retrieval_keys', 0) / nb:>10.3f} {1e3 * r.get('retrieval_search', 0) / nb:>11.3f} "
