@@ -15,6 +15,7 @@ On disk: ``index.faiss`` (faiss.write_index, always the CPU form) and ``retrieve
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import warnings
@@ -33,6 +34,8 @@ _BLAS_SET = False
 def import_faiss() -> Any:
     """The faiss module (imported lazily: torch_exact works without it), tuned once per process."""
     global _BLAS_SET
+    # faiss logs at INFO that its AVX2 build is missing before falling back: noise in every run
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError as err:
