@@ -151,3 +151,18 @@ def test_empty_training_split_is_refused(setup):
 
     with pytest.raises(ValueError, match="training split is empty"):
         select_fraction(0, 1.0, 0)
+
+
+def test_another_retriever_reuses_the_stored_keys_without_a_backbone_pass(setup, tmp_path):
+    from raee.retrieval import FaissRetriever
+
+    bb, head, dm = setup
+    first = RaeeExit(BackboneKeys(), TorchExactRetriever(), RobustAggregator())
+    first.fit(bb, head, dm, cache_dir=tmp_path, progress=False)
+    bb.reset_counters()
+    second = RaeeExit(BackboneKeys(), FaissRetriever("Flat"), RobustAggregator())
+    second.fit(bb, head, dm, cache_dir=tmp_path, progress=False)
+    assert sum(bb.layer_examples) == 0
+    assert isinstance(second.retriever, FaissRetriever) and second.retriever.ntotal == first.db.size
+    q = first.db.keys[:5].numpy()
+    assert (second.retriever.search(q, 3)[1] == first.retriever.search(q, 3)[1]).all()
