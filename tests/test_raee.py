@@ -165,4 +165,7 @@ def test_another_retriever_reuses_the_stored_keys_without_a_backbone_pass(setup,
     assert sum(bb.layer_examples) == 0
     assert isinstance(second.retriever, FaissRetriever) and second.retriever.ntotal == first.db.size
     q = first.db.keys[:5].numpy()
-    assert (second.retriever.search(q, 3)[1] == first.retriever.search(q, 3)[1]).all()
+    # same neighbours up to ties (toy texts are word rotations with near-identical keys): same scores
+    import numpy as np
+
+    np.testing.assert_allclose(second.retriever.search(q, 3)[0], first.retriever.search(q, 3)[0], atol=1e-5)
