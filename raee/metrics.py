@@ -6,9 +6,7 @@ from typing import Any
 
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score, multiclass_matthews_corrcoef
-from torchmetrics.functional.regression import pearson_corrcoef
 
-TASK_METRICS = ("accuracy", "macro_f1", "mcc", "pearson")
 
 
 def task_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
@@ -21,10 +19,6 @@ def task_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: i
         "macro_f1": float(multiclass_f1_score(preds, target, num_classes=num_classes, average="macro")),
         "mcc": float(multiclass_matthews_corrcoef(preds, target, num_classes=num_classes)),
     }
-
-
-def regression_metrics(predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    return {"pearson": float(pearson_corrcoef(predictions.float(), labels.float()))}
 
 
 def exit_statistics(exit_layers: torch.Tensor, num_layers: int) -> dict[str, Any]:

@@ -4,12 +4,11 @@ layer the aggregation rule chose with no later layer computed."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
 
-from raee.aggregation.base import Aggregator, ExitInfo
+from raee.aggregation.base import Aggregator
 from raee.aggregation.robust import RobustAggregator
 from raee.backbones import load_backbone
 from raee.database import ExitDatabase, build_database
