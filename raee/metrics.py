@@ -8,7 +8,6 @@ import torch
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score, multiclass_matthews_corrcoef
 
 
-
 def task_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
     """Accuracy, macro-F1 and Matthews correlation of (N,) predictions against (N,) labels."""
     preds, target = predictions.long(), labels.long()
