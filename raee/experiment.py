@@ -121,7 +121,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"method={summary['method']} {summary['knobs']}  backbone={summary['backbone']}  head={summary['head']}  "
         f"data={summary['dataset']} ({summary['num_examples']} examples)",
-        f"  {summary['task_metric']}: {f(summary['task_metric_value'])}   accuracy: {f(summary['accuracy'])}"
+        (f"  {summary['task_metric']}: {f(summary['task_metric_value'])}" if summary["task_metric"] != "accuracy" else "")
+        + f"  accuracy: {f(summary['accuracy'])}"
         f"   (full model: {f(summary['full_accuracy'])}, oracle: {f(summary.get('oracle_accuracy'))} at mean layer "
         f"{f(summary.get('oracle_mean_exit_layer'), '.2f')})",
         f"  mean exit layer: {f(summary['mean_exit_layer'], '.2f')} / {summary['num_layers']}"
