@@ -9,6 +9,7 @@ an example's exit are never computed for it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,8 +58,7 @@ class LayerwiseBackbone(nn.Module, ABC):
         self.name = name
         self.max_length = max_length
         self.lm_head = lm_head
-        #: how many times each layer 1..L ran, and on how many examples (tests and reports read it)
-        self.layer_calls = [0] * (self.num_layers + 1)
+        #: on how many examples each layer 1..L ran (tests and reports read it)
         self.layer_examples = [0] * (self.num_layers + 1)
         self.model.eval()
 
@@ -91,7 +91,6 @@ class LayerwiseBackbone(nn.Module, ABC):
                 "has_lm_head": self.has_lm_head}
 
     def reset_counters(self) -> None:
-        self.layer_calls = [0] * (self.num_layers + 1)
         self.layer_examples = [0] * (self.num_layers + 1)
 
     # ----------------------------------------------------------------- tokenisation
@@ -111,14 +110,18 @@ class LayerwiseBackbone(nn.Module, ABC):
         self._prepare(state)
         return state
 
-    def run_layer(self, state: LayerState) -> LayerState:
-        """Run transformer layer ``state.layer + 1`` on the examples in ``state``."""
+    def run_layer(self, state: LayerState,
+                  compute: Callable[[int, LayerState], torch.Tensor] | None = None) -> LayerState:
+        """Run transformer layer ``state.layer + 1`` on the examples in ``state``.
+
+        compute: another way to compute the layer's hidden states from (layer, state), e.g.
+        HashEE's token-level layer; default: the model's own layer.
+        """
         layer = state.layer + 1
         if layer > self.num_layers:
             raise ValueError(f"cannot run layer {layer}: the backbone has {self.num_layers} layers")
-        self.layer_calls[layer] += 1
         self.layer_examples[layer] += state.batch_size
-        hidden = self._run_layer(layer, state)
+        hidden = (compute or self._run_layer)(layer, state)
         return LayerState(hidden=hidden, attention_mask=state.attention_mask, input_ids=state.input_ids,
                           layer=layer, extras=state.extras)
 

@@ -251,19 +251,16 @@ class HashEEExit(PlannedExit):
         return self._device_map[state.input_ids]
 
     def run_layer(self, backbone: LayerwiseBackbone, state: LayerState) -> LayerState:
-        layer = state.layer + 1
-        if layer > backbone.num_layers:
-            raise ValueError(f"cannot run layer {layer}: the backbone has {backbone.num_layers} layers")
-        backbone.layer_calls[layer] += 1
-        backbone.layer_examples[layer] += state.batch_size
-        token_exit = self.token_exits(state)
-        hidden = run_token_exit_layer(backbone, layer, state, token_exit)
-        parts = layer_parts(backbone.layer_modules()[layer - 1])
-        active = active_tokens(state.attention_mask, token_exit, layer)
-        self.flops += token_exit_flops(state.attention_mask, active, parts.hidden_size, parts.intermediate_size)
-        self.full_flops += token_exit_flops(state.attention_mask, None, parts.hidden_size, parts.intermediate_size)
-        return LayerState(hidden=hidden, attention_mask=state.attention_mask, input_ids=state.input_ids,
-                          layer=layer, extras=state.extras)
+        def token_level(layer: int, state: LayerState) -> torch.Tensor:
+            token_exit = self.token_exits(state)
+            parts = layer_parts(backbone.layer_modules()[layer - 1])
+            active = active_tokens(state.attention_mask, token_exit, layer)
+            self.flops += token_exit_flops(state.attention_mask, active, parts.hidden_size, parts.intermediate_size)
+            self.full_flops += token_exit_flops(state.attention_mask, None, parts.hidden_size,
+                                                parts.intermediate_size)
+            return run_token_exit_layer(backbone, layer, state, token_exit)
+
+        return backbone.run_layer(state, token_level)
 
     # ------------------------------------------------------------------ FLOPs
     def reset_flops(self) -> None:
