@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from raee.atomic import atomic_write_text
+
 METRICS = ("ip", "l2")
 META_FILE = "retriever.json"
 REBUILD_HINT = "rebuild the database with `python -m raee.build_db`"
@@ -114,6 +116,21 @@ def check_keys(keys: np.ndarray, dim: int | None = None) -> np.ndarray:
     if not np.isfinite(keys).all():
         raise ValueError("keys contain NaN or infinite values: check the key encoder's output")
     return keys
+
+
+def write_meta(directory: Path, retriever: Retriever, **extra: Any) -> None:
+    """retriever.json beside the index: the settings plus dim, ntotal and ``extra`` (atomic)."""
+    meta = retriever.describe() | {"dim": retriever.dim, "ntotal": retriever.ntotal, **extra}
+    atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2))
+
+
+def open_index(directory: str | Path, filename: str) -> tuple[Path, dict[str, Any]]:
+    """(path of the index file, its metadata), with clear errors when either is missing."""
+    directory = Path(directory)
+    path = directory / filename
+    if not path.exists():
+        raise FileNotFoundError(f"index file {path} is missing: {REBUILD_HINT}")
+    return path, read_meta(directory)
 
 
 def read_meta(directory: Path) -> dict[str, Any]:

@@ -14,7 +14,6 @@ On disk: ``index.faiss`` (faiss.write_index, always the CPU form) and ``retrieve
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -24,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from raee.atomic import atomic_path, atomic_write_text
-from raee.retrieval.base import META_FILE, REBUILD_HINT, Retriever, check_keys, read_meta
+from raee.atomic import atomic_path
+from raee.retrieval.base import META_FILE, REBUILD_HINT, Retriever, check_keys, open_index, write_meta
 
 INDEX_FILE = "index.faiss"
 _BLAS_SET = False
@@ -256,18 +255,14 @@ class FaissRetriever(Retriever):
         index = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
         with atomic_path(directory / INDEX_FILE) as tmp:
             faiss.write_index(index, str(tmp))
-        meta = self.describe() | {"dim": self.dim, "ntotal": self.ntotal, "resolved": self.resolved}
-        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2))
+        write_meta(directory, self, resolved=self.resolved)
 
     @classmethod
     def load(cls, directory: str | Path, use_gpu: str | bool | None = None) -> "FaissRetriever":
         """Read an index written by :meth:`save` (``use_gpu`` overrides the saved setting)."""
         faiss = import_faiss()
         directory = Path(directory)
-        path = directory / INDEX_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"index file {path} is missing: {REBUILD_HINT}")
-        meta = read_meta(directory)
+        path, meta = open_index(directory, INDEX_FILE)
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as err:

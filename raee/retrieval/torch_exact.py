@@ -6,7 +6,6 @@ On disk: ``keys.safetensors`` (the (N, D) keys) and ``retriever.json`` (metric, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from raee.atomic import atomic_path, atomic_write_text
-from raee.retrieval.base import META_FILE, REBUILD_HINT, Retriever, check_keys, read_meta
+from raee.atomic import atomic_path
+from raee.retrieval.base import REBUILD_HINT, Retriever, check_keys, open_index, write_meta
 
 KEYS_FILE = "keys.safetensors"
 #: score-matrix entries per query chunk (~128 MB of float32): bounds memory for large databases
@@ -79,18 +78,13 @@ class TorchExactRetriever(Retriever):
         directory = Path(directory)
         with atomic_path(directory / KEYS_FILE) as tmp:
             save_file({"keys": self.keys.detach().cpu().contiguous()}, str(tmp))
-        meta = self.describe() | {"dim": self.dim, "ntotal": self.ntotal, "device": self.device_name}
-        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2))
+        write_meta(directory, self, device=self.device_name)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | None = None) -> "TorchExactRetriever":
         """Read keys written by :meth:`save`; ``device`` overrides the saved one (a CPU machine can
         read a database built on a GPU: a saved "cuda" falls back to the CPU when no GPU is seen)."""
-        directory = Path(directory)
-        path = directory / KEYS_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"index file {path} is missing: {REBUILD_HINT}")
-        meta = read_meta(directory)
+        path, meta = open_index(directory, KEYS_FILE)
         try:
             keys = load_file(str(path))["keys"]
         except Exception as err:  # safetensors raises its own error types on damaged files
