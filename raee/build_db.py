@@ -16,23 +16,20 @@ from raee.run import CONF_DIR
 def build(cfg: DictConfig) -> str:
     from hydra.utils import instantiate
 
-    from raee.database import build_database
     from raee.exits.raee_exit import RaeeExit
     from raee.experiment import prepare_head
 
     backbone = instantiate(cfg.backbone)
     head = instantiate(cfg.head)
     datamodule = instantiate(cfg.data)
-    key_encoder = instantiate(cfg.key_encoder)
-    retriever = instantiate(cfg.retriever)
-    aggregator = instantiate(cfg.aggregator)
     datamodule.setup("fit")
     prepare_head(backbone, head, datamodule, cache_dir=cfg.paths.cache_dir)
-    locator = RaeeExit(key_encoder, retriever, aggregator, fraction=cfg.db.fraction, seed=cfg.db.seed)
-    directory = cfg.db.dir or locator.default_database_dir(backbone, head, datamodule, cfg.paths.cache_dir)
-    db = build_database(backbone, head, key_encoder, retriever, datamodule, fraction=cfg.db.fraction,
-                        seed=cfg.db.seed)
-    db.save(directory)
+    # the same locate-build-save path that exit=raee uses, forced to build
+    raee = RaeeExit(instantiate(cfg.key_encoder), instantiate(cfg.retriever), instantiate(cfg.aggregator),
+                    database=cfg.db.dir, fraction=cfg.db.fraction, seed=cfg.db.seed, rebuild=True)
+    raee.fit(backbone, head, datamodule, cache_dir=cfg.paths.cache_dir)
+    db = raee.db
+    directory = db.meta["path"]
     correct_any = db.info.correct.any(1).float().mean().item()
     print(f"exit database: {db.size} examples, {backbone.num_layers + 1} layers, key dim {db.keys.shape[1]}, "
           f"{correct_any:.1%} have a correct layer -> {directory}")

@@ -72,3 +72,16 @@ def test_finished_job_is_skipped_and_failed_job_is_recorded(tmp_path):
     assert error["status"] == "failed" and "outside 0..4" in error["error"]
     with pytest.raises(ValueError, match="outside 0..4"):
         run_job(bad, str(tmp_path / "bad2"), multirun=False)
+
+
+def test_build_db_writes_the_database_exit_raee_then_uses(tmp_path):
+    from raee.build_db import build
+
+    db_dir = tmp_path / "db"
+    cfg = compose_cfg(TINY + [f"db.dir={db_dir}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert build(cfg) == str(db_dir)
+    meta = json.loads((db_dir / "meta.json").read_text())
+    assert meta["count"] == 60 and meta["num_layers"] == 4
+    summary = run_job(compose_cfg(TINY + ["exit=raee", f"db.dir={db_dir}", f"paths.cache_dir={tmp_path / 'cache'}"]),
+                      str(tmp_path / "run"), multirun=False)
+    assert summary["method"] == "raee" and summary["retrieval_time_s"] > 0
