@@ -39,16 +39,11 @@ class LinearHead(Head):
         self.checkpoint = checkpoint
         self.classifiers = nn.ModuleList()
 
-    @property
-    def is_fitted(self) -> bool:
-        return len(self.classifiers) > 0 and getattr(self, "_trained", False)
-
     def bind(self, backbone: LayerwiseBackbone, label_names: list[str]) -> None:
         super().bind(backbone, label_names)
         self.classifiers = nn.ModuleList(
             nn.Linear(backbone.hidden_size, self.num_classes) for _ in range(backbone.num_layers + 1)
         ).to(backbone.device)
-        self._trained = False
 
     def forward(self, state: LayerState) -> torch.Tensor:
         return self.classifiers[state.layer](self.dropout(pool(state.hidden, state.attention_mask, self.pooling)))
@@ -65,7 +60,6 @@ class LinearHead(Head):
         from raee.training import train_linear_head
 
         train_linear_head(backbone, self, datamodule, progress=progress, **trainer_kwargs)
-        self._trained = True
 
     def save(self, directory: str | Path, backbone: LayerwiseBackbone | None = None) -> None:
         """Write classifiers (and, when fine-tuned, the backbone weights) as safetensors."""
@@ -94,7 +88,6 @@ class LinearHead(Head):
         backbone_file = directory / "backbone.safetensors"
         if backbone_file.exists() and backbone is not None:
             backbone.model.load_state_dict(load_file(str(backbone_file)))
-        self._trained = True
 
     def describe(self) -> dict[str, Any]:
         return {"type": "linear", "pooling": self.pooling, "finetune_backbone": self.finetune_backbone,
