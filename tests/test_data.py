@@ -351,3 +351,71 @@ def test_hub_unreachable_says_how_to_fix(monkeypatch):
     with pytest.raises(ConnectionError, match=r"could not load hub dataset 'glue'.*couldn't connect.*"
                                               r"pip install -e '\.\[hub\]'.*network.*local file"):
         dm.setup()
+
+
+# ---------------------------------------------------------------- packaged sentiment data (small fixtures)
+
+def write_rotten_tomatoes(path: Path, n: int = 60) -> Path:
+    rows = []
+    for i in range(n):
+        rows.append({"category": "fresh" if i % 3 else "rotten", "text": f" snippet {i} about a film ",
+                     "movie_name": f"m{i}", "has_plot_and_reviews": True})
+    rows += [{"category": "plot", "text": "a plot summary, not a review", "movie_name": "p", "has_plot_and_reviews": 1},
+             {"category": "fresh", "text": " snippet 1 about a film ", "movie_name": "dup", "has_plot_and_reviews": 1},
+             {"category": "rotten", "text": None, "movie_name": "empty", "has_plot_and_reviews": 1}]
+    pd.DataFrame(rows).to_csv(path, index=False, compression="bz2")
+    return path
+
+
+def write_imdb(path: Path, n: int = 50) -> Path:
+    rows = [{"review": f"Review {i}.<br /><br />It was {'good' if i % 2 else 'bad'}.<BR/>The end.",
+             "sentiment": "positive" if i % 2 else "negative"} for i in range(n)]
+    rows.append(dict(rows[0]))  # an exact duplicate
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_rotten_tomatoes_drops_plot_duplicate_and_empty_rows(tmp_path):
+    dm = TextClassificationDataModule("rotten_tomatoes", file=str(write_rotten_tomatoes(tmp_path / "rt.csv.bz2")),
+                                      val_fraction=0.1, test_fraction=0.2, seed=3)
+    dm.setup()
+    assert dm.label_names == ["negative", "positive"] and dm.name == "rotten_tomatoes"
+    everything = [t for s in SPLITS for t in texts(dm, s)]
+    assert len(everything) == 60 == len(set(everything))
+    assert not any("plot summary" in t for t in everything)
+    assert all(t == t.strip() for t in everything)
+    assert sizes(dm) == {"train": 42, "validation": 6, "test": 12}
+    for s in SPLITS:  # stratified: a third rotten (negative) in every split
+        labels = dm.split(s).labels
+        assert abs(float((labels == 0).float().mean()) - 1 / 3) < 0.1
+
+
+def test_imdb_removes_br_tags_and_duplicates_and_subsamples_stratified(tmp_path):
+    dm = TextClassificationDataModule("imdb", file=str(write_imdb(tmp_path / "imdb.csv")), max_train_examples=20,
+                                      max_eval_examples=6, val_fraction=0.2, test_fraction=0.2, seed=0)
+    dm.setup()
+    everything = [t for s in SPLITS for t in texts(dm, s)]
+    assert not any("<br" in t.lower() for t in everything)
+    assert "Review 1. It was good. The end." in everything or len(everything) < 50
+    assert sizes(dm) == {"train": 20, "validation": 6, "test": 6}
+    assert len(set(everything)) == len(everything)
+    for s in SPLITS:
+        counts = Counter(dm.split(s).labels.tolist())
+        assert counts[0] == counts[1]
+
+
+def test_packaged_source_with_a_missing_local_copy_names_the_fix(tmp_path):
+    dm = TextClassificationDataModule("imdb", file=str(tmp_path / "nope.csv"))
+    with pytest.raises(FileNotFoundError, match="leave data.file null"):
+        dm.setup()
+
+
+@pytest.mark.parametrize("name", ["imdb", "rotten_tomatoes"])
+def test_sentiment_configs_carry_default_prompts(name):
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    dm = instantiate(cfg)
+    assert dm.source == name and dm.max_train_examples and dm.max_eval_examples
+    for kind in ("mlm", "causal"):
+        prompt = dm.prompt[kind]
+        assert "{text}" in prompt["template"] and set(prompt["label_words"]) == {"negative", "positive"}
+    assert isinstance(dm.prompt, dict) and isinstance(dm.prompt["mlm"]["label_words"], dict)

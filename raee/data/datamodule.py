@@ -12,11 +12,20 @@ from torch.utils.data import DataLoader
 
 from raee.data.dataset import TASK_TYPES, TextDataset, collate_batch
 from raee.data.labels import encode_labels
-from raee.data.sources import SPLITS, RawData, load_bbcnews, load_hub, load_local
+from raee.data.sources import PACKAGED_SOURCES, SPLITS, RawData, load_bbcnews, load_hub, load_local
 from raee.data.splitting import check_fraction, fraction_size, partition, subsample
 
-SOURCES = ("bbcnews", "local", "hf")
+SOURCES = ("bbcnews", *PACKAGED_SOURCES, "local", "hf")
 TASK_METRICS = {"classification": ("accuracy", "macro_f1", "mcc"), "regression": ("pearson",)}
+
+
+def _plain(value: Any) -> Any:
+    """Config mappings/sequences (e.g. OmegaConf's) as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
 
 
 class TextClassificationDataModule(L.LightningDataModule):
@@ -26,9 +35,11 @@ class TextClassificationDataModule(L.LightningDataModule):
     (FloatTensor for regression), "index": LongTensor (B,) position of the example in its split}.
 
     Args:
-        source: "bbcnews" (offline BBC News), "local" (CSV/TSV/JSON/JSONL/Parquet files) or "hf" (hub).
+        source: "bbcnews" (offline BBC News), "imdb" / "rotten_tomatoes" (offline sentiment data, fetched
+            from the packages that ship them), "local" (CSV/TSV/JSON/JSONL/Parquet files) or "hf" (hub).
         file: one local file holding all examples (split here); or train_file / validation_file /
             test_file, one per split (any of validation/test may be null: carved from train).
+            For imdb / rotten_tomatoes: a local copy of the packaged file (null = the packaged one).
         text_column, text_pair_column, label_column: column names (local files and hub).
         label_names: class names in id order; string labels are mapped to their position.
         task_type: "classification" or "regression".
@@ -44,6 +55,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         name: dataset name for reports (default: the source / file name).
         task_metric: "accuracy" | "macro_f1" | "mcc" (classification) | "pearson" (regression);
             default: accuracy, or pearson for regression.
+        prompt: the dataset's default prompts for zero-shot prompt heads, per kind of language model
+            ({"mlm": {"template", "label_words"}, "causal": {...}}); carried for head=prompt, unused here.
     """
 
     def __init__(self, source: str = "bbcnews", *, file: str | None = None, train_file: str | None = None,
@@ -55,7 +68,8 @@ class TextClassificationDataModule(L.LightningDataModule):
                  data_dir: str | None = None, batch_size: int = 32, eval_batch_size: int | None = None,
                  max_train_examples: int | None = None, max_eval_examples: int | None = None,
                  val_fraction: float = 0.1, test_fraction: float = 0.33, seed: int = 42, stratify: bool = True,
-                 num_workers: int = 0, name: str | None = None, task_metric: str | None = None) -> None:
+                 num_workers: int = 0, name: str | None = None, task_metric: str | None = None,
+                 prompt: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"data source {source!r} is not supported: use one of {list(SOURCES)} "
@@ -94,12 +108,13 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.stratify = bool(stratify)
         self.num_workers = int(num_workers)
         self.task_metric = metric
+        self.prompt = _plain(prompt)
         self.name = name or self._default_name()
         self._splits: dict[str, TextDataset] | None = None
 
     def _default_name(self) -> str:
-        if self.source == "bbcnews":
-            return "bbcnews"
+        if self.source == "bbcnews" or self.source in PACKAGED_SOURCES:
+            return self.source
         if self.source == "hf":
             return "/".join(x for x in (self.hub["hf_name"], self.hub["hf_config"]) if x)
         path = self.options["file"] or self.options["train_file"] or "local"
@@ -110,6 +125,8 @@ class TextClassificationDataModule(L.LightningDataModule):
     def _load_raw(self) -> RawData:
         if self.source == "bbcnews":
             return load_bbcnews(self.data_dir)
+        if self.source in PACKAGED_SOURCES:
+            return PACKAGED_SOURCES[self.source](self.options["file"])
         if self.source == "local":
             return load_local(**self.options)
         return load_hub(self.hub["hf_name"], self.hub["hf_config"], splits=self.hub["hf_splits"],

