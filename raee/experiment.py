@@ -42,21 +42,76 @@ def data_description(datamodule: Any) -> dict[str, Any]:
             "train_size": len(train), "label_names": list(datamodule.label_names)}
 
 
+def head_settings(head: Head) -> dict[str, Any]:
+    """The head's plain constructor settings (learning rate, epochs, ...), beside :meth:`Head.describe`
+    in the cache key: a head fitted with other training settings is another entry."""
+    settings = {k: v for k, v in vars(head).items()
+                if not k.startswith("_") and k not in ("training", "checkpoint", "label_names", "num_layers")
+                and isinstance(v, (bool, int, float, str, type(None)))}
+    for name, module in head.named_children():
+        if isinstance(module, torch.nn.Dropout):
+            settings[f"{name}.p"] = module.p
+    return settings
+
+
+def head_cache_key(backbone: LayerwiseBackbone, head: Head, datamodule: Any) -> str:
+    return fingerprint({"backbone": backbone.describe(), "head": head.describe(), "settings": head_settings(head),
+                        "data": data_description(datamodule)})
+
+
+def _check_head_files(directory: Path) -> None:
+    """Fail fast on a truncated or missing file, before ``head.load`` changes the head or backbone."""
+    from safetensors import safe_open
+
+    json.loads((directory / "head.json").read_text())
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:  # reads the header; a truncated file fails here
+            f.keys()
+
+
 def prepare_head(backbone: LayerwiseBackbone, head: Head, datamodule: Any, cache_dir: str | Path | None = None,
                  progress: bool = True) -> None:
-    """Bind ``head`` to the backbone and fit it on the training split (cached by content on disk)."""
+    """Bind ``head`` to the backbone and fit it on the training split, once.
+
+    The fit is saved to ``head.checkpoint`` when the head has one (a directory the user names: reloaded
+    when it exists, refused when it does not load), else to ``cache_dir/heads/<content hash>`` (an
+    automatic entry: rebuilt with a warning when damaged). Parallel jobs that need the same head wait
+    for the one that fits it (:func:`raee.cache.load_or_build`); with neither, the head is fitted in memory.
+    """
+    from raee.cache import load_or_build
+
     head.bind(backbone, list(datamodule.label_names))
     if not head.needs_fit:
         return
     checkpoint = getattr(head, "checkpoint", None)
-    key = fingerprint({"backbone": backbone.describe(), "head": head.describe(), "data": data_description(datamodule)})
-    target = Path(checkpoint) if checkpoint else (Path(cache_dir) / "heads" / key if cache_dir else None)
-    if target is not None and (target / "head.json").exists():
-        head.load(target, backbone)
+    if checkpoint:
+        target, auto = Path(checkpoint), False
+        if target.is_dir() and not any(target.iterdir()):
+            try:
+                target.rmdir()  # an empty directory the user made is where to save, not a damaged checkpoint
+            except OSError:
+                pass  # another job has just filled it
+    elif cache_dir:
+        target, auto = Path(cache_dir) / "heads" / head_cache_key(backbone, head, datamodule), True
+    else:
+        head.fit(backbone, datamodule, progress=progress)
         return
-    head.fit(backbone, datamodule, progress=progress)
-    if target is not None:
-        head.save(target, backbone)
+
+    def build(directory: Path) -> None:
+        head.fit(backbone, datamodule, progress=progress)
+        head.save(directory, backbone)
+
+    def load(directory: Path) -> None:
+        try:
+            _check_head_files(directory)
+            head.load(directory, backbone)
+        except Exception as err:
+            if auto:
+                raise
+            raise ValueError(f"head.checkpoint={directory} does not load ({type(err).__name__}: {err}): delete it "
+                             "to train the head again there, or point head.checkpoint elsewhere") from err
+
+    load_or_build(target, build, load, auto=auto, what="cached head")
 
 
 def evaluate(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, datamodule: Any,
