@@ -25,6 +25,7 @@ from raee.backbones.base import LayerwiseBackbone
 from raee.exits.base import ExitStrategy
 from raee.exits.simple import FullModel, OracleExit
 from raee.heads.base import Head
+from raee.logs import labelled_progress_bar
 from raee.module import EarlyExitModule
 
 #: columns of predictions.csv
@@ -114,17 +115,30 @@ def prepare_head(backbone: LayerwiseBackbone, head: Head, datamodule: Any, cache
     load_or_build(target, build, load, auto=auto, what="cached head")
 
 
+#: the evaluation splits and the loaders that serve them
+EVAL_LOADERS = {"test": "test_dataloader", "validation": "val_dataloader"}
+
+
+def check_split(split: str) -> None:
+    if split not in EVAL_LOADERS:
+        raise ValueError(f"split={split!r} cannot be evaluated: use test (results) or validation (choosing knobs)")
+
+
 def evaluate(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, datamodule: Any,
-             trainer_kwargs: dict[str, Any] | None = None, logger: Any = None, warmup_batches: int = 1
-             ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``trainer.test`` of one strategy over the test split; returns (results, per-example columns)."""
+             trainer_kwargs: dict[str, Any] | None = None, logger: Any = None, warmup_batches: int = 1,
+             split: str = "test") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``trainer.test`` of one strategy over the test (or validation) split; returns (results, per-example
+    columns)."""
+    check_split(split)
     strategy.prepare(backbone, head)
     module = EarlyExitModule(backbone, head, strategy, warmup_batches=warmup_batches)
     kwargs = dict(accelerator="cpu", devices=1, logger=logger or False, enable_checkpointing=False,
                   enable_model_summary=False, enable_progress_bar=True)
     kwargs.update(trainer_kwargs or {})
+    if kwargs["enable_progress_bar"] and "callbacks" not in kwargs:
+        kwargs["callbacks"] = [labelled_progress_bar(f"{split}: {strategy.name}")]
     trainer = L.Trainer(**kwargs)
-    trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
+    trainer.test(module, dataloaders=getattr(datamodule, EVAL_LOADERS[split])(), verbose=False)
     return module.results(), module.predictions()
 
 
@@ -195,8 +209,11 @@ def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrate
                    output_dir: str | Path, run_name: str = "run", seed: int = 42, compare_full: bool = True,
                    compare_oracle: bool = False, cache_dir: str | Path | None = "artifacts/cache",
                    trainer_kwargs: dict[str, Any] | None = None,
-                   logger: Any = None, warmup_batches: int = 1, progress: bool = True) -> dict[str, Any]:
-    """Everything one run does; returns the summary (also written to ``output_dir``)."""
+                   logger: Any = None, warmup_batches: int = 1, progress: bool = True,
+                   split: str = "test") -> dict[str, Any]:
+    """Everything one run does on the ``split`` (test; validation when choosing knobs); returns the summary
+    (also written to ``output_dir``)."""
+    check_split(split)
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule.setup("test")
     strategy.validate(backbone.num_layers)  # fail on bad knobs before any expensive work
@@ -204,11 +221,11 @@ def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrate
     strategy.fit(backbone, head, datamodule, cache_dir=cache_dir, progress=progress)
     full = None
     if compare_full and not isinstance(strategy, FullModel):
-        full, _ = evaluate(backbone, head, FullModel(), datamodule, trainer_kwargs, None, warmup_batches)
+        full, _ = evaluate(backbone, head, FullModel(), datamodule, trainer_kwargs, None, warmup_batches, split)
     oracle = None
     if compare_oracle and not isinstance(strategy, OracleExit):
-        oracle, _ = evaluate(backbone, head, OracleExit(), datamodule, trainer_kwargs, None, warmup_batches)
-    results, columns = evaluate(backbone, head, strategy, datamodule, trainer_kwargs, logger, warmup_batches)
+        oracle, _ = evaluate(backbone, head, OracleExit(), datamodule, trainer_kwargs, None, warmup_batches, split)
+    results, columns = evaluate(backbone, head, strategy, datamodule, trainer_kwargs, logger, warmup_batches, split)
     if isinstance(strategy, FullModel):
         full = results
     if isinstance(strategy, OracleExit):
@@ -217,6 +234,6 @@ def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrate
     if callable(flops):
         results["flops_speedup"] = flops()
     summary = build_summary(results, strategy, backbone, head, datamodule, full, run_name=run_name, seed=seed,
-                            oracle=oracle)
+                            split=split, oracle=oracle)
     write_outputs(output_dir, summary, columns)
     return summary
