@@ -7,7 +7,8 @@ error.json instead, go to their own table), and writes to ``--out`` (default ``<
 - speed_vs_accuracy.png: speed-up (x) against the task metric (y), one line per method, the
   Pareto front (runs no other run beats on both) ringed and joined;
 - exit_layers.png: share of examples per exit layer, one panel per method;
-- with ``--paper``: paper_comparison.md/csv (our numbers beside the paper's, :mod:`raee.paper_results`).
+- with ``--paper``: paper_comparison.md/csv (our numbers beside the paper's, :mod:`raee.paper_results`);
+- for an Optuna search: optuna_pareto.md, the trials the sweeper kept (:mod:`raee.search_results`).
 
 Speed-up on the charts: the run's own wall-clock speed-up (full model timed in the same process),
 else the sweep's (throughput against the sweep's exit=full run), else the layer speed-up
@@ -30,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from raee.atomic import atomic_path, atomic_write_text
+from raee.search_results import pareto_markdown
 
 SUMMARY_FILE = "summary.json"
 ERROR_FILE = "error.json"
@@ -346,7 +348,8 @@ def markdown_table(df: pd.DataFrame, columns: dict[str, str] | None = None, form
 
 
 RESULT_HEADERS = {
-    "dataset": "dataset", "backbone_short": "backbone", "head": "head", "method": "method", "knobs_shown": "knobs",
+    "dataset": "dataset", "split": "split", "backbone_short": "backbone", "head": "head", "method": "method",
+    "knobs_shown": "knobs",
     "task_metric": "metric", "task_metric_value": "value", "accuracy": "accuracy", "macro_f1": "macro F1",
     "mean_exit_layer": "mean exit layer", "num_layers": "L", "layer_speedup": "layer speed-up",
     "wall_speedup": "wall speed-up", "sweep_wall_speedup": "sweep wall speed-up", "flops_speedup": "FLOPs speed-up",
@@ -668,6 +671,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else root / "report"
     paths = write_report(df, out, failed=failed, paper=args.paper)
     print(results_markdown(df))
+    search = pareto_markdown(root)
+    if search:  # an Optuna search: the Pareto set its sweeper wrote, with each trial's run
+        paths["optuna_pareto.md"] = out / "optuna_pareto.md"
+        atomic_write_text(paths["optuna_pareto.md"], search)
+        print("\n" + search)
     if args.paper:
         print("\n" + (out / "paper_comparison.md").read_text())
     if args.wandb:
