@@ -229,11 +229,18 @@ PLUGINS = {
 }
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package (hydra_plugins) is missing too
+        return False
+
+
 def missing_plugin(argv: Sequence[str]) -> str | None:
     """A message naming the extra to install when an argument selects a Hydra plugin that is absent."""
     for arg in argv:
         for option, (module, extra) in PLUGINS.items():
-            if arg.startswith(option) and importlib.util.find_spec(module) is None:
+            if arg.startswith(option) and not _importable(module):
                 return (f"{arg} needs the Hydra plugin {module.split('.')[-1]}, which is not installed: "
                         f"pip install 'raee[{extra}]' (or pip install -e '.[{extra}]' in a checkout)")
     return None

@@ -137,11 +137,11 @@ def test_objectives_for_a_search_sweeper():
 
 
 def test_a_missing_launcher_plugin_names_the_extra(monkeypatch):
-    import importlib.util
+    from raee import run
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name.startswith("hydra_plugins") else real(name, *a))
+    # as where no Hydra plugin is installed: not even the hydra_plugins namespace exists
+    for option, (module, extra) in list(run.PLUGINS.items()):
+        monkeypatch.setitem(run.PLUGINS, option, (module.replace("hydra_plugins", "no_such_namespace"), extra))
     assert "pip install 'raee[launchers]'" in missing_plugin(["-m", "hydra/launcher=joblib", "exit=full"])
     assert "pip install 'raee[optuna]'" in missing_plugin(["+hparams_search=raee_optuna"])
     assert missing_plugin(["exit=full", "hydra/launcher=basic"]) is None
