@@ -141,8 +141,18 @@ def log_summary(logger: Any, summary: dict[str, Any]) -> None:
         experiment.log({"exit_layer_histogram": wandb.plot.bar(table, "exit_layer", "count",
                                                                  title="examples per exit layer")})
         experiment.summary.update({k: v for k, v in numbers.items()})
+
+
+def close_logger(logger: Any, status: str) -> None:
+    """Finalize the logger and end its wandb run: a worker process that runs the next job of a sweep
+    (joblib reuses them) would otherwise log into this job's run."""
+    if logger is None:
+        return
     if hasattr(logger, "finalize"):
-        logger.finalize("success")
+        logger.finalize(status)
+    run = getattr(logger, "_experiment", None)  # only a run that was started; .experiment would start one
+    if run is not None and hasattr(run, "finish"):
+        run.finish(exit_code=0 if status == "success" else 1)
 
 
 def run(cfg: DictConfig, output_dir: str, group: str | None = None) -> dict[str, Any]:
@@ -154,14 +164,19 @@ def run(cfg: DictConfig, output_dir: str, group: str | None = None) -> dict[str,
     objs = build_objects(cfg)
     run_name = cfg.get("run_name") or objs["strategy"].name
     logger = make_logger(cfg, output_dir, run_name, group)
-    summary = run_experiment(
-        objs["backbone"], objs["head"], objs["strategy"], objs["datamodule"], output_dir=output_dir,
-        run_name=run_name, seed=int(cfg.seed), compare_full=bool(cfg.compare_full),
-        compare_oracle=bool(cfg.get("compare_oracle", False)), cache_dir=cfg.paths.cache_dir,
-        trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger,
-        warmup_batches=int(cfg.warmup_batches), split=str(cfg.get("split", "test")))
-    log_summary(logger, summary)
-    location = logger_location(logger)
+    status = "failed"
+    try:
+        summary = run_experiment(
+            objs["backbone"], objs["head"], objs["strategy"], objs["datamodule"], output_dir=output_dir,
+            run_name=run_name, seed=int(cfg.seed), compare_full=bool(cfg.compare_full),
+            compare_oracle=bool(cfg.get("compare_oracle", False)), cache_dir=cfg.paths.cache_dir,
+            trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger,
+            warmup_batches=int(cfg.warmup_batches), split=str(cfg.get("split", "test")))
+        log_summary(logger, summary)
+        location = logger_location(logger)
+        status = "success"
+    finally:
+        close_logger(logger, status)
     print(f"{' result ':=^100}\n{format_summary(summary)}\n  files: {output_dir}/summary.json, "
           f"{output_dir}/predictions.csv" + (f"\n  {location}" if location else "") + f"\n{'=' * 100}", flush=True)
     return summary

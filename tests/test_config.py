@@ -145,3 +145,14 @@ def test_a_missing_launcher_plugin_names_the_extra(monkeypatch):
     assert "pip install 'raee[launchers]'" in missing_plugin(["-m", "hydra/launcher=joblib", "exit=full"])
     assert "pip install 'raee[optuna]'" in missing_plugin(["+hparams_search=raee_optuna"])
     assert missing_plugin(["exit=full", "hydra/launcher=basic"]) is None
+
+
+def test_consecutive_jobs_in_one_process_get_their_own_wandb_runs(tmp_path, monkeypatch):
+    """A joblib worker runs several jobs of a sweep in one process: each must log to its own run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    overrides = [o for o in TINY if o != "logger=none"] + ["logger=wandb", "exit=full", "compare_oracle=false",
+                                                            f"paths.cache_dir={tmp_path / 'cache'}"]
+    for job in ("0_first", "1_second"):
+        assert run_job(compose_cfg(overrides), str(tmp_path / job), multirun=True) is not None
+        assert len(list((tmp_path / job / "wandb").glob("offline-run-*"))) == 1, f"{job} has no wandb run of its own"
