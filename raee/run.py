@@ -56,12 +56,13 @@ def _readable_value(value: str) -> str:
     return _UNSAFE.sub("_", value)
 
 
-def job_dirname(task_overrides: Sequence[str], exclude_keys: Sequence[str] = ()) -> str:
+def job_dirname(task_overrides: Sequence[str], exclude_keys: Sequence[str] = (), prefix: str = "") -> str:
     """One readable directory name for a sweep job: its overrides, sorted, 'key=value' joined by ','.
     Paths are shortened to their last part, search floats rounded, long names cut; whenever anything
     was shortened, '~' and a hash of the full overrides keep the name unique. Never contains '/', so
     every job directory sits directly under the sweep directory; the full overrides stay in the job's
-    .hydra/overrides.yaml. Registered as the resolver ``raee.job_dirname`` (conf/config.yaml)."""
+    .hydra/overrides.yaml. ``prefix`` goes in front of a non-empty name. Registered as the resolver
+    ``raee.job_dirname`` (conf/config.yaml)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = OverridesParser.create().parse_overrides([str(o) for o in task_overrides])
@@ -77,11 +78,10 @@ def job_dirname(task_overrides: Sequence[str], exclude_keys: Sequence[str] = ())
     if name != exact or len(name) > MAX_DIRNAME:
         digest = hashlib.sha256(exact.encode()).hexdigest()[:8]
         name = f"{name[:MAX_DIRNAME]}~{digest}"
-    return name
+    return f"{prefix}{name}" if name else ""
 
 
-OmegaConf.register_new_resolver("raee.job_dirname", lambda overrides, exclude=(): job_dirname(overrides, exclude),
-                                replace=True)
+OmegaConf.register_new_resolver("raee.job_dirname", job_dirname, replace=True)
 
 
 def build_objects(cfg: DictConfig) -> dict[str, Any]:

@@ -114,7 +114,7 @@ def test_job_directory_names_are_one_level_readable_and_unique():
     assert job_dirname(["data.name='my data'"]).startswith("data.name=my_data~")
 
 
-def test_the_sweep_subdir_uses_the_resolver():
+def test_sweep_and_run_directories_use_the_resolver():
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -123,6 +123,8 @@ def test_the_sweep_subdir_uses_the_resolver():
     cfg.hydra.job.num = 3
     subdir = cfg.hydra.sweep.subdir
     assert subdir.startswith("3_data.file=train.csv,data=csv~") and "/" not in subdir
+    # a single run's directory carries the same name: two runs started in the same second stay apart
+    assert Path(cfg.hydra.run.dir).name.split("_", 1)[1] == subdir.split("_", 1)[1]
 
 
 def test_objectives_for_a_search_sweeper():

@@ -75,6 +75,18 @@ def test_submitit_local_executor_runs_a_two_job_sweep(tmp_path):
     assert list((sweep / ".submitit").glob("*/*_log.out")), "submitit ran each job as its own process"
 
 
+def test_ray_launcher_runs_a_two_job_sweep_on_a_local_ray_instance(tmp_path, monkeypatch):
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="pip install -e '.[ray]'")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    sweep = tmp_path / "sweep"
+    proc = run_raee(["-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "exit=full,entropy",
+                     f"hydra.sweep.dir={sweep}", "data=bbcnews_small", "data.max_train_examples=30",
+                     "data.max_eval_examples=10", *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = job_dirs(sweep)
+    assert {json.loads((j / "summary.json").read_text())["method"] for j in jobs} == {"full", "entropy"}
+
+
 def test_optuna_search_returns_objectives_and_the_report_shows_its_pareto_set(tmp_path, capsys):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[optuna]'")
     sweep = tmp_path / "search"
