@@ -62,29 +62,28 @@ def test_joblib_runs_jobs_in_parallel_processes_one_level_deep_sharing_one_head(
     assert {"full", "entropy"} <= set(capsys.readouterr().out.split())
 
 
-def test_submitit_local_executor_runs_a_two_job_sweep(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[launchers]'")
+def two_job_sweep(tmp_path: Path, launcher: list[str]) -> Path:
+    """exit=full,entropy through ``launcher`` on a tiny model and data; checks both summaries; the sweep dir."""
     sweep = tmp_path / "sweep"
-    proc = run_raee(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "exit=full,entropy",
-                     f"hydra.sweep.dir={sweep}", "data=bbcnews_small", "data.max_train_examples=30",
-                     "data.max_eval_examples=10", *TINY], tmp_path)
+    proc = run_raee(["-m", *launcher, "exit=full,entropy", f"hydra.sweep.dir={sweep}", "data=bbcnews_small",
+                     "data.max_train_examples=30", "data.max_eval_examples=10", *TINY], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = job_dirs(sweep)
     assert len(jobs) == 2
     assert {json.loads((j / "summary.json").read_text())["method"] for j in jobs} == {"full", "entropy"}
+    return sweep
+
+
+def test_submitit_local_executor_runs_a_two_job_sweep(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[launchers]'")
+    sweep = two_job_sweep(tmp_path, ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"])
     assert list((sweep / ".submitit").glob("*/*_log.out")), "submitit ran each job as its own process"
 
 
 def test_ray_launcher_runs_a_two_job_sweep_on_a_local_ray_instance(tmp_path, monkeypatch):
     pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="pip install -e '.[ray]'")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    sweep = tmp_path / "sweep"
-    proc = run_raee(["-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "exit=full,entropy",
-                     f"hydra.sweep.dir={sweep}", "data=bbcnews_small", "data.max_train_examples=30",
-                     "data.max_eval_examples=10", *TINY], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = job_dirs(sweep)
-    assert {json.loads((j / "summary.json").read_text())["method"] for j in jobs} == {"full", "entropy"}
+    two_job_sweep(tmp_path, ["hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2"])
 
 
 def test_optuna_search_returns_objectives_and_the_report_shows_its_pareto_set(tmp_path, capsys):
