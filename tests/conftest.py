@@ -21,11 +21,29 @@ TINY_CONFIGS = {
     "gpt2": dict(model_type="gpt2", n_layer=3, n_embd=32, n_head=4),
     "llama": dict(model_type="llama", num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
                   intermediate_size=64, num_key_value_heads=2),
+    # sliding-window layers of 4 tokens alternate with global ones, so both masks matter on TEXTS
+    "gemma3": dict(model_type="gemma3_text", num_hidden_layers=4, hidden_size=32, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, intermediate_size=64, query_pre_attn_scalar=8,
+                   sliding_window=4, sliding_window_pattern=2),
 }
 
 TEXTS = ["the match ended in a draw after extra time", "shares fell sharply on monday",
          "a new phone", "the film won three awards at the festival last night, beating every rival",
          "parliament debated the bill", "short"]
+
+
+def assert_layers_match_hf(bb, states: list, hf_hidden_states: tuple, attention_mask: torch.Tensor,
+                           atol: float = 1e-5) -> None:
+    """Our layer 0..L states equal Hugging Face's ``output_hidden_states`` at the real tokens.
+
+    HF replaces its last entry by the final-normed output (decoders), so layer L is compared
+    through :meth:`final_norm` (the identity for post-norm encoders).
+    """
+    assert len(states) == len(hf_hidden_states) == bb.num_layers + 1
+    real = attention_mask.bool()
+    for state, expected in zip(states, hf_hidden_states):
+        hidden = bb.final_norm(state.hidden) if state.layer == bb.num_layers else state.hidden
+        torch.testing.assert_close(hidden[real], expected[real], atol=atol, rtol=1e-5)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from torch import nn
 from raee.backbones.base import LayerwiseBackbone
 from raee.backbones.decoder import GPT2Backbone, LlamaBackbone
 from raee.backbones.encoder import EncoderBackbone
+from raee.backbones.gemma import GemmaBackbone
 
 #: names that resolve to a model shipped inside a pip package (works offline)
 OFFLINE_MODELS: dict[str, tuple[str, str]] = {
@@ -39,11 +40,16 @@ FAMILIES: dict[str, tuple[type[LayerwiseBackbone], str]] = {
     "mistral": (LlamaBackbone, "causal"),
     "qwen2": (LlamaBackbone, "causal"),
     "qwen3": (LlamaBackbone, "causal"),
+    "gemma": (LlamaBackbone, "causal"),  # Gemma 1: Llama's layer loop, embeddings scaled inside the module
+    "gemma2": (GemmaBackbone, "causal"),
+    "gemma3_text": (GemmaBackbone, "causal"),
+    "gemma3": (GemmaBackbone, "causal"),  # multimodal Gemma-3: its text model only
 }
 
 
 #: architecture names whose checkpoints carry LM-head weights
-LM_ARCHITECTURE_SUFFIXES = ("ForMaskedLM", "ForCausalLM", "LMHeadModel", "ForPreTraining")
+LM_ARCHITECTURE_SUFFIXES = ("ForMaskedLM", "ForCausalLM", "LMHeadModel", "ForPreTraining",
+                            "ForConditionalGeneration")  # multimodal Gemma-3 keeps its LM head there
 
 
 @contextlib.contextmanager
@@ -154,7 +160,7 @@ def load_backbone(name_or_path: str | None = None, *, tiny: dict[str, Any] | Non
         lm_cls = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
         lm_model = lm_cls.from_config(config, attn_implementation=attn_implementation)
         base, head = _split_lm_model(lm_model, kind)
-        name = f"tiny-{model_type}-{config.num_hidden_layers}L"
+        name = f"tiny-{model_type}-{config.get_text_config().num_hidden_layers}L"
     else:
         source = resolve_model_source(name_or_path)
         try:
@@ -182,6 +188,8 @@ def load_backbone(name_or_path: str | None = None, *, tiny: dict[str, Any] | Non
             else:
                 base = AutoModel.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation)
         name = name_or_path
+    if hasattr(base, "language_model"):  # a multimodal model (Gemma-3 4B+): keep its text model only
+        base = base.language_model
     base = base.to(device=device, dtype=torch_dtype)
     if head is not None:
         head = head.to(device=device, dtype=torch_dtype)
