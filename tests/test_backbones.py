@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raee.backbones import load_backbone, resolve_model_source
-from tests.conftest import TEXTS, TINY_CONFIGS, assert_layers_match_hf
+from tests.conftest import TEXTS, TINY_CONFIGS, assert_backbone_matches_hf_lm, assert_layers_match_hf
 
 
 def _assert_matches_its_hf_forward(bb) -> None:
@@ -33,17 +33,13 @@ def test_lm_logits_match_hf_lm_head(config):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     bb = load_backbone(tiny=config, seed=3)
-    enc = bb.tokenize(TEXTS[:3])
-    states = bb.all_layers(**enc)
     # rebuild the same random model (same seed) as a full HF LM and compare final logits
     torch.manual_seed(3)
     cls = AutoModelForCausalLM if bb.is_decoder else AutoModelForMaskedLM
     lm = cls.from_config(bb.model.config).eval()
-    with torch.no_grad():
-        ref = lm(**enc).logits
+    states, enc = assert_backbone_matches_hf_lm(bb, lm, TEXTS[:3])
     ours = bb.lm_logits(states[-1].hidden)
     real = enc["attention_mask"].bool()
-    torch.testing.assert_close(ours[real], ref[real], atol=1e-4, rtol=1e-4)
     if config is GEMMA3_SOFTCAP:  # the cap changed the logits: without it the comparison above fails
         uncapped = bb.lm_head(bb.final_norm(states[-1].hidden))
         assert (uncapped[real] - ours[real]).abs().max() > 0.1
@@ -103,13 +99,7 @@ def test_multimodal_gemma3_checkpoint_runs_its_text_model(tmp_path):
     load_backbone("all-MiniLM-L6-v2").tokenizer.save_pretrained(tmp_path)
     bb = load_backbone(str(tmp_path))
     assert type(bb.model).__name__ == "Gemma3TextModel" and bb.num_layers == 4 and bb.has_lm_head
-    enc = bb.tokenize(TEXTS)
-    states = bb.all_layers(**enc)
-    with torch.no_grad():
-        out = lm(**enc, output_hidden_states=True)
-    assert_layers_match_hf(bb, states, out.hidden_states, enc["attention_mask"])
-    real = enc["attention_mask"].bool()
-    torch.testing.assert_close(bb.lm_logits(states[-1].hidden)[real], out.logits[real], atol=1e-4, rtol=1e-4)
+    assert_backbone_matches_hf_lm(bb, lm, TEXTS)
 
 
 def test_bidirectional_gemma_is_refused():
