@@ -55,10 +55,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-length", type=int, default=128, help="tokens kept per input (the configs' default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--fresh-cache", default=None, help="use this directory as $RAEE_CACHE (first load converts)")
     args = parser.parse_args()
     if args.fresh_cache:
         os.environ["RAEE_CACHE"] = args.fresh_cache
+    if args.threads:
+        torch.set_num_threads(args.threads)
     texts = sample_texts(args.seed)
     print(f"torch threads: {torch.get_num_threads()}; max_length {args.max_length}; median of {args.repeats} runs")
     for name in args.backbones:
