@@ -150,3 +150,20 @@ def test_unsupported_family_is_a_clear_error():
 def test_exactly_one_source_is_required():
     with pytest.raises(ValueError, match="exactly one"):
         load_backbone()
+
+
+def test_backbone_configs_of_the_causal_lms():
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from raee.assets import GEMMA3_270M_GGUF, SMOLLM2_GGUF
+    from raee.backbones import PACKAGED_GGUF, GemmaBackbone
+    from raee.run import CONF_DIR
+
+    for option, asset in (("smollm2", SMOLLM2_GGUF), ("gemma3_270m", GEMMA3_270M_GGUF)):
+        cfg = OmegaConf.load(Path(CONF_DIR) / "backbone" / f"{option}.yaml")
+        assert PACKAGED_GGUF[cfg.name_or_path] is asset and cfg.packaged is True  # offline by default
+    tiny = instantiate(OmegaConf.load(Path(CONF_DIR) / "backbone" / "tiny_gemma3.yaml"))
+    assert isinstance(tiny, GemmaBackbone) and tiny.layer_types == ["sliding_attention", "full_attention"] * 2
