@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from raee.assets import _sha256, cache_home
+from raee.assets import cache_home, sha256_file
 from raee.cache import load_or_build
 
 #: bump when the conversion below changes what it writes (old entries are then left unused)
@@ -31,7 +31,7 @@ SOURCE_FILE = "GGUF_SOURCE.json"
 def converted_dir(gguf_file: str | Path) -> Path:
     """Cache directory of ``gguf_file``'s float copy, keyed by its name and content (sha256)."""
     gguf_file = Path(gguf_file)
-    return cache_home() / "models" / f"{gguf_file.stem}-{_sha256(gguf_file)[:16]}-v{CONVERSION_VERSION}"
+    return cache_home() / "models" / f"{gguf_file.stem}-{sha256_file(gguf_file)[:16]}-v{CONVERSION_VERSION}"
 
 
 def _require(package: str) -> None:
@@ -71,7 +71,7 @@ def convert_gguf(gguf_file: Path, out: Path) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / SOURCE_FILE).write_text(json.dumps({"gguf_file": str(gguf_file), "name": gguf_file.name,
-                                               "bytes": gguf_file.stat().st_size, "sha256": _sha256(gguf_file),
+                                               "bytes": gguf_file.stat().st_size, "sha256": sha256_file(gguf_file),
                                                "conversion_version": CONVERSION_VERSION}, indent=1) + "\n")
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raee.assets import GEMMA3_270M_GGUF, SMOLLM2_GGUF, AssetUnavailable, PackagedAsset, asset_path, cache_home
+from raee.assets import GEMMA3_270M_GGUF, SMOLLM2_GGUF, PackagedAsset, asset_path, cache_home
 from raee.backbones.base import LayerwiseBackbone
 from raee.backbones.decoder import GPT2Backbone, LlamaBackbone
 from raee.backbones.encoder import EncoderBackbone
@@ -113,11 +113,7 @@ def resolve_model_source(name_or_path: str, *, packaged: bool = True) -> str:
         return os.path.join(os.path.dirname(module.__file__), sub)
     if packaged and name_or_path in PACKAGED_GGUF:
         asset = PACKAGED_GGUF[name_or_path]
-        try:
-            gguf_file = asset_path(asset)
-        except AssetUnavailable as err:  # it names the package and the manual alternatives
-            raise AssetUnavailable(f"{err}. A hub name loads the hub's weights only with backbone.packaged=false "
-                                   "(load_backbone(..., packaged=False))") from None
+        gguf_file = asset_path(asset)  # AssetUnavailable names the package and the manual alternatives
         fetched = cache_home() / "assets" / asset.name
         fix = (f"delete {fetched} so that it is fetched again" if gguf_file.parent == fetched
                else f"replace {gguf_file} with a complete copy") + f", or use {asset.alternative}"
