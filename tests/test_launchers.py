@@ -108,4 +108,5 @@ def test_optuna_search_returns_objectives_and_the_report_shows_its_pareto_set(tm
     assert len(rows) == len(solutions)
     names = {j.name for j in job_dirs(sweep)}
     assert all(row.rstrip(" |").rsplit("| ", 1)[-1] in names for row in rows), "each trial names its run"
-    assert "Optuna Pareto set" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Optuna Pareto set" in printed and "| dataset | split |" in printed, "the table says: validation"
