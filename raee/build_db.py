@@ -38,6 +38,9 @@ def build(cfg: DictConfig) -> str:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from raee.logs import quiet_console
+
+    quiet_console(cfg.get("log_level", "WARNING"))
     build(cfg)
 
 

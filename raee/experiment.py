@@ -25,6 +25,7 @@ from raee.backbones.base import LayerwiseBackbone
 from raee.exits.base import ExitStrategy
 from raee.exits.simple import FullModel, OracleExit
 from raee.heads.base import Head
+from raee.logs import labelled_progress_bar
 from raee.module import EarlyExitModule
 
 #: columns of predictions.csv
@@ -42,34 +43,102 @@ def data_description(datamodule: Any) -> dict[str, Any]:
             "train_size": len(train), "label_names": list(datamodule.label_names)}
 
 
+def head_settings(head: Head) -> dict[str, Any]:
+    """The head's plain constructor settings (learning rate, epochs, ...), beside :meth:`Head.describe`
+    in the cache key: a head fitted with other training settings is another entry."""
+    settings = {k: v for k, v in vars(head).items()
+                if not k.startswith("_") and k not in ("training", "checkpoint", "label_names", "num_layers")
+                and isinstance(v, (bool, int, float, str, type(None)))}
+    for name, module in head.named_children():
+        if isinstance(module, torch.nn.Dropout):
+            settings[f"{name}.p"] = module.p
+    return settings
+
+
+def head_cache_key(backbone: LayerwiseBackbone, head: Head, datamodule: Any) -> str:
+    return fingerprint({"backbone": backbone.describe(), "head": head.describe(), "settings": head_settings(head),
+                        "data": data_description(datamodule)})
+
+
+def _check_head_files(directory: Path) -> None:
+    """Fail fast on a truncated or missing file, before ``head.load`` changes the head or backbone."""
+    from safetensors import safe_open
+
+    json.loads((directory / "head.json").read_text())
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:  # reads the header; a truncated file fails here
+            f.keys()
+
+
 def prepare_head(backbone: LayerwiseBackbone, head: Head, datamodule: Any, cache_dir: str | Path | None = None,
                  progress: bool = True) -> None:
-    """Bind ``head`` to the backbone and fit it on the training split (cached by content on disk)."""
+    """Bind ``head`` to the backbone and fit it on the training split, once.
+
+    The fit is saved to ``head.checkpoint`` when the head has one (a directory the user names: reloaded
+    when it exists, refused when it does not load), else to ``cache_dir/heads/<content hash>`` (an
+    automatic entry: rebuilt with a warning when damaged). Parallel jobs that need the same head wait
+    for the one that fits it (:func:`raee.cache.load_or_build`); with neither, the head is fitted in memory.
+    """
+    from raee.cache import load_or_build
+
     head.bind(backbone, list(datamodule.label_names))
     if not head.needs_fit:
         return
     checkpoint = getattr(head, "checkpoint", None)
-    key = fingerprint({"backbone": backbone.describe(), "head": head.describe(), "data": data_description(datamodule)})
-    target = Path(checkpoint) if checkpoint else (Path(cache_dir) / "heads" / key if cache_dir else None)
-    if target is not None and (target / "head.json").exists():
-        head.load(target, backbone)
+    if checkpoint:
+        target, auto = Path(checkpoint), False
+        if target.is_dir() and not any(target.iterdir()):
+            try:
+                target.rmdir()  # an empty directory the user made is where to save, not a damaged checkpoint
+            except OSError:
+                pass  # another job has just filled it
+    elif cache_dir:
+        target, auto = Path(cache_dir) / "heads" / head_cache_key(backbone, head, datamodule), True
+    else:
+        head.fit(backbone, datamodule, progress=progress)
         return
-    head.fit(backbone, datamodule, progress=progress)
-    if target is not None:
-        head.save(target, backbone)
+
+    def build(directory: Path) -> None:
+        head.fit(backbone, datamodule, progress=progress)
+        head.save(directory, backbone)
+
+    def load(directory: Path) -> None:
+        try:
+            _check_head_files(directory)
+            head.load(directory, backbone)
+        except Exception as err:
+            if auto:
+                raise
+            raise ValueError(f"head.checkpoint={directory} does not load ({type(err).__name__}: {err}): delete it "
+                             "to train the head again there, or point head.checkpoint elsewhere") from err
+
+    load_or_build(target, build, load, auto=auto, what="cached head")
+
+
+#: the evaluation splits and the loaders that serve them
+EVAL_LOADERS = {"test": "test_dataloader", "validation": "val_dataloader"}
+
+
+def check_split(split: str) -> None:
+    if split not in EVAL_LOADERS:
+        raise ValueError(f"split={split!r} cannot be evaluated: use test (results) or validation (choosing knobs)")
 
 
 def evaluate(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, datamodule: Any,
-             trainer_kwargs: dict[str, Any] | None = None, logger: Any = None, warmup_batches: int = 1
-             ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``trainer.test`` of one strategy over the test split; returns (results, per-example columns)."""
+             trainer_kwargs: dict[str, Any] | None = None, logger: Any = None, warmup_batches: int = 1,
+             split: str = "test") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``trainer.test`` of one strategy over the test (or validation) split; returns (results, per-example
+    columns)."""
+    check_split(split)
     strategy.prepare(backbone, head)
     module = EarlyExitModule(backbone, head, strategy, warmup_batches=warmup_batches)
     kwargs = dict(accelerator="cpu", devices=1, logger=logger or False, enable_checkpointing=False,
                   enable_model_summary=False, enable_progress_bar=True)
     kwargs.update(trainer_kwargs or {})
+    if kwargs["enable_progress_bar"] and "callbacks" not in kwargs:
+        kwargs["callbacks"] = [labelled_progress_bar(f"{split}: {strategy.name}")]
     trainer = L.Trainer(**kwargs)
-    trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
+    trainer.test(module, dataloaders=getattr(datamodule, EVAL_LOADERS[split])(), verbose=False)
     return module.results(), module.predictions()
 
 
@@ -140,8 +209,11 @@ def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrate
                    output_dir: str | Path, run_name: str = "run", seed: int = 42, compare_full: bool = True,
                    compare_oracle: bool = False, cache_dir: str | Path | None = "artifacts/cache",
                    trainer_kwargs: dict[str, Any] | None = None,
-                   logger: Any = None, warmup_batches: int = 1, progress: bool = True) -> dict[str, Any]:
-    """Everything one run does; returns the summary (also written to ``output_dir``)."""
+                   logger: Any = None, warmup_batches: int = 1, progress: bool = True,
+                   split: str = "test") -> dict[str, Any]:
+    """Everything one run does on the ``split`` (test; validation when choosing knobs); returns the summary
+    (also written to ``output_dir``)."""
+    check_split(split)
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule.setup("test")
     strategy.validate(backbone.num_layers)  # fail on bad knobs before any expensive work
@@ -149,11 +221,11 @@ def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrate
     strategy.fit(backbone, head, datamodule, cache_dir=cache_dir, progress=progress)
     full = None
     if compare_full and not isinstance(strategy, FullModel):
-        full, _ = evaluate(backbone, head, FullModel(), datamodule, trainer_kwargs, None, warmup_batches)
+        full, _ = evaluate(backbone, head, FullModel(), datamodule, trainer_kwargs, None, warmup_batches, split)
     oracle = None
     if compare_oracle and not isinstance(strategy, OracleExit):
-        oracle, _ = evaluate(backbone, head, OracleExit(), datamodule, trainer_kwargs, None, warmup_batches)
-    results, columns = evaluate(backbone, head, strategy, datamodule, trainer_kwargs, logger, warmup_batches)
+        oracle, _ = evaluate(backbone, head, OracleExit(), datamodule, trainer_kwargs, None, warmup_batches, split)
+    results, columns = evaluate(backbone, head, strategy, datamodule, trainer_kwargs, logger, warmup_batches, split)
     if isinstance(strategy, FullModel):
         full = results
     if isinstance(strategy, OracleExit):
@@ -162,6 +234,6 @@ def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrate
     if callable(flops):
         results["flops_speedup"] = flops()
     summary = build_summary(results, strategy, backbone, head, datamodule, full, run_name=run_name, seed=seed,
-                            oracle=oracle)
+                            split=split, oracle=oracle)
     write_outputs(output_dir, summary, columns)
     return summary

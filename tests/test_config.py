@@ -9,9 +9,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from raee.run import CONF_DIR, run_job
+from raee.run import CONF_DIR, job_dirname, missing_plugin, objective_values, run_job
 
-GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
+#: the app's config groups (conf/hydra/ holds Hydra's own groups; __pycache__ is no group)
+GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name[0] not in "_." and p.name != "hydra")
+#: groups that are not in the defaults list: selected with +group=option
+APPENDED = ("experiment", "hparams_search")
 
 
 def options(group: str) -> list[str]:
@@ -30,14 +33,16 @@ def test_expected_groups_exist():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group, option):
-    if group == "experiment":
-        cfg = compose_cfg([f"+experiment={option}"])
+    if group == "hparams_search":
+        pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[optuna]'")
+    if group in APPENDED:
+        cfg = compose_cfg([f"+{group}={option}"])
     else:
         cfg = compose_cfg([f"{group}={option}"])
     # resolves (except values a user must fill in: ???)
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert container["seed"] == 42
-    if group not in ("experiment", "logger"):
+    if group not in (*APPENDED, "logger"):
         node = cfg[group]
         assert node is None or "_target_" in node or group == "trainer", f"{group}/{option} has no _target_"
 
@@ -85,3 +90,71 @@ def test_build_db_writes_the_database_exit_raee_then_uses(tmp_path):
     summary = run_job(compose_cfg(TINY + ["exit=raee", f"db.dir={db_dir}", f"paths.cache_dir={tmp_path / 'cache'}"]),
                       str(tmp_path / "run"), multirun=False)
     assert summary["method"] == "raee" and summary["retrieval_time_s"] > 0
+
+
+def test_configs_are_the_package_data():
+    """raee/conf (what the installed package reads) is the repository's conf/ (the source of truth)."""
+    assert Path(CONF_DIR).resolve() == (Path(__file__).resolve().parent.parent / "conf").resolve()
+    assert (Path(CONF_DIR) / "config.yaml").is_file() and (Path(CONF_DIR) / "__init__.py").is_file()
+
+
+def test_job_directory_names_are_one_level_readable_and_unique():
+    assert job_dirname(["exit=entropy", "exit.threshold=0.3"]) == "exit.threshold=0.3,exit=entropy"
+    with_path = job_dirname(["data.file=/data/sets/x.csv", "exit=full"])
+    assert with_path.startswith("data.file=x.csv,exit=full~") and "/" not in with_path
+    # the same last part in another folder is another job directory
+    assert with_path != job_dirname(["data.file=/other/x.csv", "exit=full"])
+    assert job_dirname(["data.file=C:\\data\\x.csv"]).startswith("data.file=x.csv~")
+    # Optuna's floats are rounded for reading, hashed for uniqueness
+    optuna = job_dirname(["exit.threshold=0.6055187889673064"])
+    assert optuna.startswith("exit.threshold=0.6055~") and optuna != job_dirname(["exit.threshold=0.6055187889"])
+    long = job_dirname([f"x{i}=value{i}" for i in range(40)])
+    assert len(long) <= 210 and "~" in long
+    assert job_dirname(["+experiment=compare_all", "redo=true", "exit=full"], ["experiment", "redo"]) == "exit=full"
+    assert job_dirname(["data.name='my data'"]).startswith("data.name=my_data~")
+
+
+def test_sweep_and_run_directories_use_the_resolver():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["data=csv", "data.file=/abs/path/train.csv"],
+                      return_hydra_config=True)
+    cfg.hydra.job.num = 3
+    subdir = cfg.hydra.sweep.subdir
+    assert subdir.startswith("3_data.file=train.csv,data=csv~") and "/" not in subdir
+    # a single run's directory carries the same name: two runs started in the same second stay apart
+    assert Path(cfg.hydra.run.dir).name.split("_", 1)[1] == subdir.split("_", 1)[1]
+
+
+def test_objectives_for_a_search_sweeper():
+    summary = {"accuracy": 0.9, "mean_exit_layer": 2.5, "wall_speedup": None}
+    assert objective_values(summary, ["accuracy", "mean_exit_layer"]) == (0.9, 2.5)
+    assert objective_values(None, ["accuracy"]) is None  # a failed job: the sweeper records a failed trial
+    assert objective_values(summary, None) is None
+    values = objective_values(summary, ["wall_speedup"])
+    assert values is not None and values[0] != values[0]  # NaN: not measured
+    with pytest.raises(KeyError, match="'acc'.*accuracy"):
+        objective_values(summary, ["acc"])
+
+
+def test_a_missing_launcher_plugin_names_the_extra(monkeypatch):
+    from raee import run
+
+    # as where no Hydra plugin is installed: not even the hydra_plugins namespace exists
+    for option, (module, extra) in list(run.PLUGINS.items()):
+        monkeypatch.setitem(run.PLUGINS, option, (module.replace("hydra_plugins", "no_such_namespace"), extra))
+    assert "pip install 'raee[launchers]'" in missing_plugin(["-m", "hydra/launcher=joblib", "exit=full"])
+    assert "pip install 'raee[optuna]'" in missing_plugin(["+hparams_search=raee_optuna"])
+    assert missing_plugin(["exit=full", "hydra/launcher=basic"]) is None
+
+
+def test_consecutive_jobs_in_one_process_get_their_own_wandb_runs(tmp_path, monkeypatch):
+    """A joblib worker runs several jobs of a sweep in one process: each must log to its own run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    overrides = [o for o in TINY if o != "logger=none"] + ["logger=wandb", "exit=full", "compare_oracle=false",
+                                                            f"paths.cache_dir={tmp_path / 'cache'}"]
+    for job in ("0_first", "1_second"):
+        assert run_job(compose_cfg(overrides), str(tmp_path / job), multirun=True) is not None
+        assert len(list((tmp_path / job / "wandb").glob("offline-run-*"))) == 1, f"{job} has no wandb run of its own"

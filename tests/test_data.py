@@ -298,6 +298,17 @@ def test_empty_dataset_and_empty_split(tmp_path):
         local(tmp_path / "two.csv")
 
 
+def test_a_train_split_of_one_class_is_refused(tmp_path):
+    toy_frame(10, classes=("pos",)).to_csv(tmp_path / "one.csv", index=False)
+    with pytest.raises(ValueError, match=r"train split of one has examples of one class only \('pos'\).*at least two"):
+        local(tmp_path / "one.csv", text_column="sentence", label_column="gold")
+    # two declared classes, but the training data holds only one of them
+    with pytest.raises(ValueError, match="one class only"):
+        local(tmp_path / "one.csv", text_column="sentence", label_column="gold", label_names=["neg", "pos"])
+    toy_frame(10, classes=("neg", "pos")).to_csv(tmp_path / "two.csv", index=False)
+    assert local(tmp_path / "two.csv", text_column="sentence", label_column="gold").label_names == ["neg", "pos"]
+
+
 def test_fractions_outside_unit_interval():
     for bad in (0, 1, -0.1, 1.5):
         with pytest.raises(ValueError, match=r"val_fraction=.* outside \(0, 1\)"):

@@ -162,6 +162,13 @@ class TextClassificationDataModule(L.LightningDataModule):
             if len(ds) == 0:
                 raise ValueError(f"the {split} split of {self.name} is empty: add data or change val_fraction/"
                                  "test_fraction/max_*_examples")
+        if self.task_type == "classification":
+            present = sorted(set(splits["train"].labels.tolist()))
+            if len(present) < 2:
+                only = ", ".join(repr(names[i]) for i in present)
+                raise ValueError(f"the train split of {self.name} has examples of one class only ({only}): a "
+                                 "classifier needs at least two; check label_column and the data (or raise "
+                                 "max_train_examples)")
         self._splits = splits
 
     def _strat_labels(self, ds: TextDataset) -> np.ndarray | None:

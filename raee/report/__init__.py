@@ -7,7 +7,8 @@ error.json instead, go to their own table), and writes to ``--out`` (default ``<
 - speed_vs_accuracy.png: speed-up (x) against the task metric (y), one line per method, the
   Pareto front (runs no other run beats on both) ringed and joined;
 - exit_layers.png: share of examples per exit layer, one panel per method;
-- with ``--paper``: paper_comparison.md/csv (our numbers beside the paper's, :mod:`raee.paper_results`).
+- with ``--paper``: paper_comparison.md/csv (our numbers beside the paper's, :mod:`raee.paper_results`);
+- for an Optuna search: optuna_pareto.md, the trials the sweeper kept (:mod:`raee.search_results`).
 
 Speed-up on the charts: the run's own wall-clock speed-up (full model timed in the same process),
 else the sweep's (throughput against the sweep's exit=full run), else the layer speed-up

@@ -16,6 +16,7 @@ from raee.report.figures import plot_exit_layers, plot_speed_vs_metric
 from raee.report.paper import write_paper_comparison
 from raee.report.tables import failed_markdown, results_markdown, write_csv
 from raee.report.wandb_log import log_to_wandb, wandb_group
+from raee.search_results import pareto_markdown
 
 
 def write_report(df: pd.DataFrame, out: str | Path, failed: pd.DataFrame | None = None,
@@ -77,6 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else root / "report"
     paths = write_report(df, out, failed=failed, paper=args.paper)
     print(results_markdown(df))
+    search = pareto_markdown(root)
+    if search:  # an Optuna search: the Pareto set its sweeper wrote, with each trial's run
+        paths["optuna_pareto.md"] = out / "optuna_pareto.md"
+        atomic_write_text(paths["optuna_pareto.md"], search)
+        print("\n" + search)
     if args.paper:
         print("\n" + (out / "paper_comparison.md").read_text())
     if args.wandb:

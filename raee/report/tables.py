@@ -51,7 +51,11 @@ def results_markdown(df: pd.DataFrame) -> str:
     df = sort_runs(df if "speedup" in df.columns else add_analysis(df))
     df = df.assign(knobs_shown=[v or k for v, k in zip(df["varying_knobs"], df["knobs"].fillna(""))],
                    backbone_short=[str(b).rstrip("/").split("/")[-1] for b in df["backbone"]])
-    return markdown_table(df, RESULT_HEADERS, RESULT_FORMATS)
+    headers = RESULT_HEADERS
+    if "split" in df.columns and (df["split"].fillna("test") != "test").any():
+        # runs on another split (a search on validation) say so beside the dataset
+        headers = {"dataset": "dataset", "split": "split", **RESULT_HEADERS}
+    return markdown_table(df, headers, RESULT_FORMATS)
 
 
 def failed_markdown(failed: pd.DataFrame) -> str:
