@@ -8,6 +8,7 @@ transformer layer of the same model on a batch of short prompts, all in one proc
 
     python experiments/benchmark_lm_head_rows.py                  # SmolLM2 and Gemma-3-270M shapes
     python experiments/benchmark_lm_head_rows.py --batch 32 --tokens 40 --repeats 30
+    python experiments/benchmark_lm_head_rows.py --clock cpu    # one thread, CPU time: steadier on a busy machine
 """
 
 from __future__ import annotations
@@ -29,13 +30,16 @@ SHAPES = {
 }
 
 
+CLOCK = time.perf_counter  # or time.thread_time (--clock cpu, with one torch thread)
+
+
 def median_ms(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return 1000 * statistics.median(times)
 
 
@@ -69,8 +73,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=40, help="prompt length for the per-layer reference")
     parser.add_argument("--labels", type=int, default=2, help="label words (rows scored)")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: perf_counter with torch's threads; cpu: this thread's CPU time, one torch thread "
+                             "(the work runs in the calling thread, so other processes' load does not count)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+    global CLOCK
+    if args.clock == "cpu":
+        torch.set_num_threads(1)
+        CLOCK = time.thread_time
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, batch {args.batch}, "
           f"{args.labels} label words, layer reference on {args.tokens}-token prompts; median of {args.repeats}")
     print("model          V        full vocab (ms)  label rows (ms)  speed-up  one layer (ms)  saved / layer")
     for name, shape in SHAPES.items():
