@@ -156,9 +156,7 @@ class LayerwiseBackbone(nn.Module, ABC):
         if rows is None or rows[0] is not self.lm_head:  # split once per head module
             rows = (self.lm_head, LMHeadRows(self.lm_head))
             self.__dict__["_lm_rows"] = rows
-        logits = rows[1](self.final_norm(hidden), token_ids)
-        cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma-2/3 squash their logits
-        return torch.tanh(logits / cap) * cap if cap else logits
+        return rows[1](self.final_norm(hidden), token_ids)  # families that post-process logits override this
 
     def all_layers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    token_type_ids: torch.Tensor | None = None) -> list[LayerState]:
