@@ -33,6 +33,7 @@ def test_experiment_sweeps_every_method_with_knn_over_both_lms_and_datasets(expe
     else:
         assert params["exit"] == ["raee", "knn"] and params["key_encoder"] == ["backbone", "sentence"]
     assert cfg.head._target_ == "raee.heads.PromptHead" and cfg.head.template is None  # the data's default prompt
+    assert cfg.head.calibration == "content_free"
     assert cfg.aggregator.threshold == 0.9 and cfg.data.name == "rotten_tomatoes"
     assert (cfg.data.max_train_examples, cfg.data.max_eval_examples) == (1000, 400)
     imdb = compose_cfg([f"+experiment={experiment}", "backbone=tiny_gpt2", "data=imdb", "lm_sizes.imdb.test=50"])
