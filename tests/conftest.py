@@ -21,11 +21,59 @@ TINY_CONFIGS = {
     "gpt2": dict(model_type="gpt2", n_layer=3, n_embd=32, n_head=4),
     "llama": dict(model_type="llama", num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
                   intermediate_size=64, num_key_value_heads=2),
+    # sliding-window layers of 4 tokens alternate with global ones, so both masks matter on TEXTS
+    "gemma3": dict(model_type="gemma3_text", num_hidden_layers=4, hidden_size=32, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, intermediate_size=64, query_pre_attn_scalar=8,
+                   sliding_window=4, sliding_window_pattern=2),
 }
+
+#: opt-in for the real_lm tests (real causal LMs, minutes on 2 CPU cores)
+REAL_LM_ENV = "RAEE_REAL_LM"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--real-lm", action="store_true",
+                     help=f"also run the tests marked real_lm (real causal LMs, minutes; or {REAL_LM_ENV}=1)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--real-lm") or os.environ.get(REAL_LM_ENV) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"real-LM check (minutes): run with --real-lm or {REAL_LM_ENV}=1")
+    for item in items:
+        if "real_lm" in item.keywords:
+            item.add_marker(skip)
+
 
 TEXTS = ["the match ended in a draw after extra time", "shares fell sharply on monday",
          "a new phone", "the film won three awards at the festival last night, beating every rival",
          "parliament debated the bill", "short"]
+
+
+def assert_layers_match_hf(bb, states: list, hf_hidden_states: tuple, attention_mask: torch.Tensor,
+                           atol: float = 1e-5) -> None:
+    """Our layer 0..L states equal Hugging Face's ``output_hidden_states`` at the real tokens.
+
+    HF replaces its last entry by the final-normed output (decoders), so layer L is compared
+    through :meth:`final_norm` (the identity for post-norm encoders).
+    """
+    assert len(states) == len(hf_hidden_states) == bb.num_layers + 1
+    real = attention_mask.bool()
+    for state, expected in zip(states, hf_hidden_states):
+        hidden = bb.final_norm(state.hidden) if state.layer == bb.num_layers else state.hidden
+        torch.testing.assert_close(hidden[real], expected[real], atol=atol, rtol=1e-5)
+
+
+def assert_backbone_matches_hf_lm(bb, lm: torch.nn.Module, texts: list[str]) -> tuple[list, dict]:
+    """``bb``'s layer states and final LM logits equal the full HF LM ``lm`` on ``texts``; returns (states, enc)."""
+    enc = bb.tokenize(texts)
+    states = bb.all_layers(**enc)
+    with torch.no_grad():
+        out = lm(**enc, output_hidden_states=True)
+    assert_layers_match_hf(bb, states, out.hidden_states, enc["attention_mask"])
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(bb.lm_logits(states[-1].hidden)[real], out.logits[real], atol=1e-4, rtol=1e-4)
+    return states, enc
 
 
 @pytest.fixture(scope="session")

