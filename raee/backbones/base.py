@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from raee.backbones.lm_head import LMHeadRows
+
 
 @dataclass
 class LayerState:
@@ -142,13 +144,19 @@ class LayerwiseBackbone(nn.Module, ABC):
         """Norm applied after the last layer (decoders); identity for post-norm encoders."""
         return hidden
 
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits of the model's own LM head. hidden: (N, H) -> (N, V)."""
+    def lm_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the model's own LM head (after :meth:`final_norm`). hidden: (N, H) -> (N, V), or
+        (N, len(token_ids)) when ``token_ids`` are given: only those vocabulary rows are computed
+        (a prompt head's label words), never the whole vocabulary."""
         if self.lm_head is None:
             raise ValueError(
                 f"backbone '{self.name}' has no language-model head (the checkpoint has no MLM/LM weights); "
                 "the prompt head needs one: use head=prototype or head=linear, or a checkpoint with an LM head")
-        return self.lm_head(self.final_norm(hidden))
+        rows = self.__dict__.get("_lm_rows")
+        if rows is None or rows[0] is not self.lm_head:  # split once per head module
+            rows = (self.lm_head, LMHeadRows(self.lm_head))
+            self.__dict__["_lm_rows"] = rows
+        return rows[1](self.final_norm(hidden), token_ids)  # families that post-process logits override this
 
     def all_layers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    token_type_ids: torch.Tensor | None = None) -> list[LayerState]:

@@ -3,7 +3,9 @@
 Two kinds, both driven by :func:`raee.exit_loop.run_early_exit`:
 
 - :class:`PlannedExit` decides every example's exit layer once, after layer ``plan_layer``
-  (full, fixed, RAEE: from retrieval). The head is evaluated only at the chosen layer.
+  (full, fixed, RAEE: from retrieval). The head is evaluated only at the chosen layer; a planned
+  strategy may instead answer every example itself at ``plan_layer`` (:meth:`PlannedExit.own_logits`,
+  kNN: no head, no further layer).
 - :class:`DynamicExit` looks at the head's logits after every layer and says which examples
   leave now (entropy, patience, oracle).
 
@@ -71,6 +73,13 @@ class PlannedExit(ExitStrategy):
     @abstractmethod
     def plan(self, state: LayerState, ctx: BatchContext) -> torch.Tensor:
         """(B,) exit layer in 0..L for every example of ``state`` (the whole batch)."""
+
+    def own_logits(self, state: LayerState, ctx: BatchContext) -> torch.Tensor | None:
+        """(B, C) logits when the strategy answers every example itself at :attr:`plan_layer`, without
+        the head (the retrieval-only kNN baseline: its neighbours' labels); the exit loop then records
+        them with exit layer ``plan_layer`` and runs no further layer. None (default): the head answers
+        at the layers :meth:`plan` chooses."""
+        return None
 
 
 class DynamicExit(ExitStrategy):

@@ -98,7 +98,9 @@ class RaeeExit(PlannedExit):
             self.k = self.db.size
 
     # ------------------------------------------------------------------ inference
-    def plan(self, state: LayerState, ctx: BatchContext) -> torch.Tensor:
+    def retrieve(self, state: LayerState, ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys of the batch -> its k nearest database entries: (distances (B, k), smaller = nearer; ids (B, k),
+        -1 = no hit). Key and search time are added to ``ctx.timings`` (retrieval overhead)."""
         from raee.retrieval.base import to_distances
 
         start = time.perf_counter()
@@ -106,12 +108,19 @@ class RaeeExit(PlannedExit):
         t_keys = time.perf_counter()
         scores, ids = self.retriever.search(keys.detach().cpu().numpy(), self.k)
         t_search = time.perf_counter()
-        distances = to_distances(torch.as_tensor(scores), self.retriever.metric)
-        layers, distribution = self.aggregator.choose(distances, torch.as_tensor(ids), self.db.info)
-        t_agg = time.perf_counter()
-        for name, seconds in (("retrieval_keys", t_keys - start), ("retrieval_search", t_search - t_keys),
-                              ("retrieval_aggregate", t_agg - t_search)):
-            ctx.timings[name] = ctx.timings.get(name, 0.0) + seconds
-        self.last = {"ids": torch.as_tensor(ids), "distances": distances, "distribution": distribution,
-                     "layers": layers}
+        add_timing(ctx, "retrieval_keys", t_keys - start)
+        add_timing(ctx, "retrieval_search", t_search - t_keys)
+        return to_distances(torch.as_tensor(scores), self.retriever.metric), torch.as_tensor(ids)
+
+    def plan(self, state: LayerState, ctx: BatchContext) -> torch.Tensor:
+        distances, ids = self.retrieve(state, ctx)
+        start = time.perf_counter()
+        layers, distribution = self.aggregator.choose(distances, ids, self.db.info)
+        add_timing(ctx, "retrieval_aggregate", time.perf_counter() - start)
+        self.last = {"ids": ids, "distances": distances, "distribution": distribution, "layers": layers}
         return layers.to(state.hidden.device)
+
+
+def add_timing(ctx: BatchContext, name: str, seconds: float) -> None:
+    """Add ``seconds`` to the batch's strategy overhead ``name`` (names starting retrieval_ count as retrieval)."""
+    ctx.timings[name] = ctx.timings.get(name, 0.0) + seconds
