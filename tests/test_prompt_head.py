@@ -262,6 +262,11 @@ def test_mask_token_among_content_free_inputs_does_not_add_an_answer_slot(tiny_b
     assert torch.isfinite(head.content_free_probs).all()
 
 
+def head_entries(cache_dir):
+    """Cached heads, without the hidden lock files a build leaves beside them."""
+    return [p for p in (cache_dir / "heads").iterdir() if not p.name.startswith(".")]
+
+
 def test_calibration_is_cached_with_the_head_and_its_settings_change_the_key(tiny_backbones, tmp_path, monkeypatch):
     bb, dm = tiny_backbones["gpt2"], toy_datamodule(6)
     dm.label_names = ["neg", "pos", "other"]
@@ -273,16 +278,16 @@ def test_calibration_is_cached_with_the_head_and_its_settings_change_the_key(tin
         return head
 
     first = prepared(calibration="content_free", content_free_inputs=["N/A"])
-    assert len(list((tmp_path / "heads").iterdir())) == 1
+    assert len(head_entries(tmp_path)) == 1
     monkeypatch.setattr(PromptHead, "fit", lambda *a, **k: pytest.fail("a cached calibration must be loaded"))
     again = prepared(calibration="content_free", content_free_inputs=["N/A"])
     torch.testing.assert_close(again.content_free_probs, first.content_free_probs)
     monkeypatch.undo()
     other = prepared(calibration="content_free", content_free_inputs=["N/A", ""])
-    assert len(list((tmp_path / "heads").iterdir())) == 2
+    assert len(head_entries(tmp_path)) == 2
     assert not torch.allclose(other.content_free_probs, first.content_free_probs)
     plain = prepared()
-    assert "calibration" not in plain.describe() and len(list((tmp_path / "heads").iterdir())) == 2
+    assert "calibration" not in plain.describe() and len(head_entries(tmp_path)) == 2
 
 
 def test_unknown_calibration_is_refused():
