@@ -121,7 +121,7 @@ class ShardedTable:
             index, rest = index[0], index[1:]
         rows = self._rows(index)
         values = self._decode(self._gather(rows.reshape(-1)))
-        out = values.reshape(*rows.shape, *self.row_shape)
+        out = values.reshape(tuple(rows.shape) + self.row_shape)
         return out[(slice(None),) * rows.ndim + rest] if rest else out
 
     # ------------------------------------------------------------------ whole-table views (read everything)
