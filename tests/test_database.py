@@ -18,7 +18,7 @@ from raee import database
 from raee.aggregation import (ConfidenceThreshold, CorrectLayerVote, EarliestCorrectVote, ExitInfo,
                               RobustAggregator, SimilarityWeightedVote)
 from raee.cache import BUILDING
-from raee.database import ExitDatabase, ShardedTable, ShardMismatch, append_database, build_database, store
+from raee.database import ExitDatabase, ShardMismatch, append_database, build_database, store
 from raee.exits import RaeeExit
 from raee.experiment import prepare_head
 from raee.heads import PrototypeHead
@@ -69,6 +69,7 @@ def test_sharded_tables_read_rows_like_tensors(tmp_path):
     assert torch.equal(tables["correct"][[2, 9], 3], info.correct[[2, 9], 3])
     assert torch.equal(torch.nonzero(tables["correct"][4]), torch.nonzero(info.correct[4]))
     assert torch.equal(tables["correct"].float().mean(0), info.correct.float().mean(0))  # whole-table use
+    assert torch.equal(tables["preds"], info.preds) and not torch.equal(tables["preds"], info.preds + 1)
     with pytest.raises(IndexError, match="row 40 is out of range"):
         tables["probs"][torch.tensor([1, 40])]
     # compact storage: bits for correctness, float16 probabilities, the smallest integer types
@@ -152,36 +153,33 @@ def test_an_interrupted_build_leaves_nothing_that_loads(setup, tmp_path, monkeyp
 def test_append_then_search_equals_a_build_of_the_union(setup, tmp_path):
     bb, head, dm = setup
     keys = BackboneKeys()
-    for make in (TorchExactRetriever, lambda: FaissRetriever("Flat")):
-        union = build_database(bb, head, keys, make(), dm, tmp_path / "union", shard_rows=5, progress=False)
-        first = build_database(bb, head, keys, make(), part(dm, 0, 12), tmp_path / "db", shard_rows=5, progress=False)
-        old_hash, old_records = first.meta["content_hash"], first.meta["shards"]
-        bb.reset_counters()
-        new = part(dm, 12, 18)
-        appended = append_database(tmp_path / "db", bb, head, keys, new.train_dataloader(),
-                                   source={"file": "new.csv", "sha256": "abc"}, shard_rows=5, progress=False)
-        assert bb.layer_examples[1] == 6  # only the new examples went through the backbone
-        assert appended.size == union.size == 18 and len(appended.meta["shards"]) == 3 + 2
-        assert appended.meta["content_hash"] != old_hash
-        assert appended.meta["shards"][-1]["source"] == {"file": "new.csv", "sha256": "abc"}
-        assert appended.meta["shards"][:3] == old_records  # the old shards' files, byte for byte
-        for name in ("preds", "probs", "correct", "labels"):
-            assert torch.equal(getattr(appended.info, name).tensor(), getattr(union.info, name).tensor()), name
-        assert torch.equal(appended.keys.tensor(), union.keys.tensor())
-        queries = union.keys[:18].numpy() + 0.01
-        s_app, i_app = appended.retriever.search(queries, 6)
-        s_uni, i_uni = union.retriever.search(queries, 6)
-        assert np.array_equal(i_app, i_uni)
-        np.testing.assert_allclose(s_app, s_uni, atol=1e-5)
-        reloaded = ExitDatabase.load(tmp_path / "db", verify=True)
-        assert np.array_equal(reloaded.retriever.search(queries, 6)[1], i_uni)
-        with pytest.raises(ValueError, match="already appended"):
-            append_database(tmp_path / "db", bb, head, keys, new.train_dataloader(),
-                            source={"file": "new.csv", "sha256": "abc"}, progress=False)
-        for path in (tmp_path / "db", tmp_path / "union"):
-            import shutil
-
-            shutil.rmtree(path)
+    union = build_database(bb, head, keys, FaissRetriever("Flat"), dm, tmp_path / "union", shard_rows=5,
+                           progress=False)
+    first = build_database(bb, head, keys, FaissRetriever("Flat"), part(dm, 0, 12), tmp_path / "db", shard_rows=5,
+                           progress=False)
+    old_hash, old_records = first.meta["content_hash"], first.meta["shards"]
+    bb.reset_counters()
+    new = part(dm, 12, 18)
+    appended = append_database(tmp_path / "db", bb, head, keys, new.train_dataloader(),
+                               source={"file": "new.csv", "sha256": "abc"}, shard_rows=5, progress=False)
+    assert bb.layer_examples[1] == 6  # only the new examples went through the backbone
+    assert appended.size == union.size == 18 and len(appended.meta["shards"]) == 3 + 2
+    assert appended.meta["content_hash"] != old_hash
+    assert appended.meta["shards"][-1]["source"] == {"file": "new.csv", "sha256": "abc"}
+    assert appended.meta["shards"][:3] == old_records  # the old shards' files, byte for byte
+    for name in ("preds", "probs", "correct", "labels"):
+        assert torch.equal(getattr(appended.info, name).tensor(), getattr(union.info, name).tensor()), name
+    assert torch.equal(appended.keys.tensor(), union.keys.tensor())
+    queries = union.keys[:18].numpy() + 0.01
+    s_app, i_app = appended.retriever.search(queries, 6)
+    s_uni, i_uni = union.retriever.search(queries, 6)
+    assert np.array_equal(i_app, i_uni)
+    np.testing.assert_allclose(s_app, s_uni, atol=1e-5)
+    reloaded = ExitDatabase.load(tmp_path / "db", verify=True)
+    assert np.array_equal(reloaded.retriever.search(queries, 6)[1], i_uni)
+    with pytest.raises(ValueError, match="already appended"):
+        append_database(tmp_path / "db", bb, head, keys, new.train_dataloader(),
+                        source={"file": "new.csv", "sha256": "abc"}, progress=False)
 
 
 def test_shards_that_disagree_with_the_metadata_are_refused(setup, tmp_path):

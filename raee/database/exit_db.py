@@ -118,7 +118,8 @@ def read_meta(directory: Path) -> dict[str, Any]:
                          "`python -m raee.build_db`") from err
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"exit database {directory} has format {meta.get('format', 1)}, this raee reads format "
-                         f"{FORMAT_VERSION} (sharded tables): rebuild it with `python -m raee.build_db db.dir={directory}`")
+                         f"{FORMAT_VERSION} (sharded tables): rebuild it with "
+                         f"`python -m raee.build_db db.dir={directory}`")
     return meta
 
 
