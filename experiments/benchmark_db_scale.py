@@ -312,6 +312,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the databases (default: deleted after each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--previous", help="results JSON of an earlier run: its build times predict this run's "
+                                           "(to skip sizes that would pass --max-minutes)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -333,6 +335,10 @@ def main() -> None:
               f"{'b1 ms':>7} {'b256 ms':>8} {'recall@12':>9} {'share b1':>8} {'share b256':>10}")
     print(header, flush=True)
     results, seconds_per_key = [], {}
+    if args.previous:  # build seconds per key of the largest size each index ran at
+        for old in sorted(json.loads(Path(args.previous).read_text())["results"], key=lambda r: r["size"]):
+            if "build_s" in old:
+                seconds_per_key[old["index"]] = old["build_s"] / old["size"]
     for size in map(parse_size, args.sizes):
         truth_path = None
         for name in args.indexes:

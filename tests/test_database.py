@@ -100,6 +100,40 @@ def test_memory_mapped_tables_give_the_same_aggregation_results(tmp_path):
     assert len(set(RobustAggregator().choose(distances, ids, mapped)[0].tolist())) > 1  # not a constant rule
 
 
+class Recording(TorchExactRetriever):
+    """An exact retriever that wants a training sample and records what it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.samples, self.adds = [], []
+
+    def train_size(self, total, dim):
+        return 100
+
+    def train(self, sample, total):
+        self.samples.append((sample.copy(), total))
+
+    def add(self, keys):
+        self.adds.append(len(keys))
+        super().add(keys)
+
+
+def test_the_index_trains_on_a_seeded_sample_and_fills_shard_by_shard(tmp_path):
+    keys = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32)
+    write_tables(tmp_path, random_info(n=1000), shard_rows=300, keys=keys)
+    files = sorted((tmp_path / store.SHARDS_DIR).glob("*/keys.npy"))
+    a, b, c = Recording(), Recording(), Recording()
+    for retriever, seed in ((a, 1), (b, 1), (c, 2)):
+        database.fill_index(retriever, files, [300, 300, 300, 100], seed=seed, progress=False)
+    (sample, total), = a.samples
+    assert sample.shape == (100, 8) and total == 1000 and a.adds == [300, 300, 300, 100]
+    assert (sample[:, None] == keys[None]).all(-1).any(1).all()  # drawn from the stored keys
+    assert np.array_equal(sample, b.samples[0][0]) and not np.array_equal(sample, c.samples[0][0])
+    assert np.array_equal(a.keys.numpy(), keys)  # every key, in order
+    database.fill_index(a, files[:1], [300], seed=1, extend=True, progress=False)  # extending: no new training
+    assert len(a.samples) == 1 and a.ntotal == 1300
+
+
 # ---------------------------------------------------------------------------- databases of a tiny model
 def part(dm: ListDataModule, start: int, stop: int) -> ListDataModule:
     return ListDataModule(dm.texts[start:stop], dm.labels[start:stop], dm.label_names, batch_size=dm.batch_size)

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from raee.aggregation.base import ExitInfo
 from raee.backbones.base import LayerwiseBackbone
 from raee.database import store
@@ -100,10 +98,6 @@ class ExitDatabase:
                    seed=int(self.meta.get("seed", 0)), progress=progress)
         meta = dict(self.meta, retriever=describe_retriever(retriever))
         return ExitDatabase(info=self.info, ids=self.ids, keys=self.keys, meta=meta, retriever=retriever)
-
-    def keys_array(self) -> np.ndarray:
-        """All keys (N, D) in memory (small databases, tests)."""
-        return np.concatenate(list(store.iter_key_shards(self.key_files())))
 
 
 def read_meta(directory: Path) -> dict[str, Any]:

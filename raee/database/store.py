@@ -159,10 +159,6 @@ def content_hash(records: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(digest).encode()).hexdigest()
 
 
-def has_keys(records: list[dict[str, Any]]) -> bool:
-    return all(f"{KEYS}.npy" in r["files"] for r in records)
-
-
 def key_files(directory: Path, records: list[dict[str, Any]]) -> list[Path]:
     """The keys.npy of every shard, in order (written during a build even when not kept)."""
     return [directory / SHARDS_DIR / r["name"] / f"{KEYS}.npy" for r in records]
