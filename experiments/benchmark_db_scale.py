@@ -228,12 +228,26 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     truth = np.load(spec["truth"], allow_pickle=False)
     ids = np.concatenate(found)
     recall = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(ids, truth)]))
+    sweep = []  # the same index searched with fewer / more probed lists: recall against batch-1 latency
+    if "nprobe" in spec["retriever"]:
+        space = faiss.ParameterSpace()
+        for nprobe in (8, 16, 32, 64):
+            space.set_index_parameter(retriever.index, "nprobe", nprobe)
+            faiss.omp_set_num_threads(1)
+            t = time.perf_counter()
+            for q in single:
+                retriever.search(q[None], K)
+            ms = 1e3 * (time.perf_counter() - t) / len(single)
+            faiss.omp_set_num_threads(spec["threads"])
+            got = np.concatenate([retriever.search(queries[s:s + 256], K)[1] for s in range(0, len(queries), 256)])
+            sweep.append({"nprobe": nprobe, "batch1_ms": ms,
+                          "recall": float(np.mean([len(set(a) & set(b)) / K for a, b in zip(got, truth)]))})
     disk = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     if not spec["keep"]:
         shutil.rmtree(directory, ignore_errors=True)
     return {"build_s": build_s, "peak_rss_gb": peak_rss() / 2**30,
             "disk_gb": disk / 1e9, "batch1_ms": batch1_ms, "batch256_ms": batch256_ms, "recall": recall,
-            "shards": len(shards), "factory": db.meta["retriever"]["factory"]}
+            "shards": len(shards), "factory": db.meta["retriever"]["factory"], "nprobe_sweep": sweep}
 
 
 def peak_rss() -> int:
@@ -312,6 +326,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the databases (default: deleted after each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--markdown", help="also write the table (markdown, as in the README) to this file")
     parser.add_argument("--previous", help="results JSON of an earlier run: its build times predict this run's "
                                            "(to skip sizes that would pass --max-minutes)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -331,7 +346,7 @@ def main() -> None:
           f"{args.max_minutes:g} min")
     print(f"MiniLM forward pass: {reference['batch1_ms']:.1f} ms at batch 1, {reference['batch32_ms']:.1f} ms per "
           "example at batch 32")
-    header = (f"{'size':>6} {'index':<10} {'factory':<34} {'build s':>8} {'peak GiB':>8} {'disk GB':>8} "
+    header = (f"{'size':>8} {'index':<10} {'factory':<34} {'build s':>8} {'peak GiB':>8} {'disk GB':>8} "
               f"{'b1 ms':>7} {'b256 ms':>8} {'recall@12':>9} {'share b1':>8} {'share b256':>10}")
     print(header, flush=True)
     results, seconds_per_key = [], {}
@@ -354,7 +369,7 @@ def main() -> None:
             elif predicted > 60 * args.max_minutes:
                 skip = f"would take ~{predicted / 60:.0f} min (from the last size) > cap {args.max_minutes:g} min"
             if skip:
-                print(f"{size:>6} {name:<10} skipped: {skip}", flush=True)
+                print(f"{size:>8} {name:<10} skipped: {skip}", flush=True)
                 results.append({"size": size, "index": name, "skipped": skip})
                 continue
             if truth_path is None:
@@ -367,18 +382,35 @@ def main() -> None:
             out = {"size": size, "index": name, **out}
             results.append(out)
             if "stopped" in out:
-                print(f"{size:>6} {name:<10} stopped: {out['stopped']}", flush=True)
+                print(f"{size:>8} {name:<10} stopped: {out['stopped']}", flush=True)
                 shutil.rmtree(workdir / f"db-{size}-{args.dim}-{name}", ignore_errors=True)
                 continue
             seconds_per_key[name] = out["build_s"] / size
             out["share_b1"] = out["batch1_ms"] / (out["batch1_ms"] + reference["batch1_ms"])
             out["share_b256"] = out["batch256_ms"] / (out["batch256_ms"] + reference["batch32_ms"])
-            print(f"{size:>6} {name:<10} {out['factory']:<34} {out['build_s']:>8.0f} {out['peak_rss_gb']:>8.2f} "
+            print(f"{size:>8} {name:<10} {out['factory']:<34} {out['build_s']:>8.0f} {out['peak_rss_gb']:>8.2f} "
                   f"{out['disk_gb']:>8.2f} {out['batch1_ms']:>7.3f} {out['batch256_ms']:>8.3f} {out['recall']:>9.3f} "
                   f"{out['share_b1']:>7.1%} {out['share_b256']:>9.1%}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"reference": reference, "args": vars(args), "results": results},
                                               indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(results))
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """The results as a markdown table (skipped and stopped runs say why)."""
+    lines = ["| keys | index (FAISS factory) | build s | peak RSS GiB | disk GB | batch-1 ms/query | "
+             "batch-256 ms/query | recall@12 | retrieval share b1 / b256 |", "|" + " --- |" * 9]
+    for r in results:
+        size = f"{r['size'] / 1e6:g}M" if r["size"] >= 10**6 else f"{r['size'] // 1000}k"
+        if "build_s" not in r:
+            lines.append(f"| {size} | {r['index']} | {r.get('skipped') or r.get('stopped')} |" + " |" * 7)
+            continue
+        lines.append(f"| {size} | {r['index']} (`{r['factory']}`) | {r['build_s']:.0f} | {r['peak_rss_gb']:.2f} | "
+                     f"{r['disk_gb']:.2f} | {r['batch1_ms']:.2f} | {r['batch256_ms']:.2f} | {r['recall']:.3f} | "
+                     f"{r['share_b1']:.1%} / {r['share_b256']:.1%} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -100,6 +100,20 @@ def test_memory_mapped_tables_give_the_same_aggregation_results(tmp_path):
     assert len(set(RobustAggregator().choose(distances, ids, mapped)[0].tolist())) > 1  # not a constant rule
 
 
+def test_many_shard_files_raise_the_open_file_limit_or_say_how(monkeypatch):
+    import resource
+
+    calls = []
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (1024, 4096))
+    monkeypatch.setattr(resource, "setrlimit", lambda what, limits: calls.append(limits))
+    store.ensure_open_files(500)  # fits: nothing to do
+    assert calls == []
+    store.ensure_open_files(2000)  # each memory map holds a file descriptor
+    assert calls == [(2256, 4096)]
+    with pytest.raises(OSError, match=r"5000 shard files.*ulimit -n 4096.*larger shards"):
+        store.ensure_open_files(5000)
+
+
 class Recording(TorchExactRetriever):
     """An exact retriever that wants a training sample and records what it is given."""
 

@@ -209,6 +209,7 @@ def open_tables(directory: Path, meta: dict[str, Any], verify: bool | None = Non
         raise ShardMismatch(f"exit database {directory}: its shard folders disagree with meta.json (not listed: "
                             f"{extra or 'none'}, missing: {missing or 'none'})")
     total_bytes = sum(f["bytes"] for r in records for f in r["files"].values())
+    ensure_open_files(sum(len(r["files"]) for r in records))
     if verify is None:
         verify = total_bytes <= FULL_VERIFY_BYTES
     parts: dict[str, list[np.ndarray]] = {}
@@ -235,6 +236,21 @@ def open_tables(directory: Path, meta: dict[str, Any], verify: bool | None = Non
     if KEYS in parts:
         tables[KEYS] = ShardedTable(parts[KEYS], "float")
     return tables
+
+
+def ensure_open_files(maps: int) -> None:
+    """Each memory-mapped file keeps a file descriptor open (Python's mmap holds a duplicate): raise the
+    soft limit towards the hard one when a database has more shard files than it allows."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = maps + 256  # headroom for everything else the process opens
+    if need <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and need > hard:
+        raise OSError(f"the exit database has {maps} shard files to memory-map, more than this process may open "
+                      f"(ulimit -n {hard}): raise the limit (ulimit -Hn) or rebuild with larger shards")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def _check_file(path: Path, expected: dict[str, Any], verify: bool) -> None:
