@@ -43,35 +43,44 @@ def setup(tiny_bert):
 
 def test_database_records_every_layer_and_round_trips(setup, tmp_path):
     bb, head, dm = setup
-    db = build_database(bb, head, BackboneKeys(layer=1), TorchExactRetriever(metric="ip"), dm, progress=False)
-    assert db.size == 18 and db.keys.shape == (18, 32)
+    db = build_database(bb, head, BackboneKeys(layer=1), TorchExactRetriever(metric="ip"), dm, tmp_path / "db",
+                        shard_rows=5, progress=False)
+    assert db.size == 18 and db.keys.shape == (18, 32) and len(db.meta["shards"]) == 4  # 5 + 5 + 5 + 3 rows
     assert db.info.preds.shape == db.info.probs.shape == db.info.correct.shape == (18, 5)
-    # stored predictions are the head's predictions at each layer
+    # stored predictions are the head's predictions at each layer, probabilities its softmax maximum
+    # (float16 on disk), keys the mean-pooled layer-1 states
     enc = bb.tokenize(dm.texts)
     states = bb.all_layers(**enc)
-    expected = torch.stack([head(s).argmax(-1) for s in states], dim=1)
-    assert torch.equal(db.info.preds, expected)
-    assert torch.equal(db.info.correct, expected == torch.tensor(dm.labels).unsqueeze(1))
-    db.save(tmp_path / "db")
+    probs = torch.stack([torch.softmax(head(s), -1) for s in states], dim=1)
+    expected = probs.argmax(-1)
+    assert torch.equal(db.info.preds.long(), expected)
+    assert torch.equal(db.info.correct.bool(), expected == torch.tensor(dm.labels).unsqueeze(1))
+    torch.testing.assert_close(db.info.probs.float(), probs.max(-1).values, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(db.keys.tensor(), BackboneKeys(layer=1).encode(states[1], dm.texts))
+    assert torch.equal(db.ids.long(), torch.arange(18)) and torch.equal(db.info.labels.long(), torch.tensor(dm.labels))
     meta = json.loads((tmp_path / "db" / "meta.json").read_text())
-    for field in ("backbone", "head", "num_layers", "key_encoder", "dataset", "count", "content_hash", "version"):
+    for field in ("backbone", "head", "num_layers", "key_encoder", "dataset", "count", "content_hash", "version",
+                  "shards", "keep_keys", "label_names"):
         assert field in meta
     loaded = ExitDatabase.load(tmp_path / "db")
-    assert torch.equal(loaded.keys, db.keys) and torch.equal(loaded.info.correct, db.info.correct)
+    assert torch.equal(loaded.keys.tensor(), db.keys.tensor()) and torch.equal(loaded.info.correct.tensor(),
+                                                                               db.info.correct.tensor())
     q = db.keys[:3].numpy()
     assert (loaded.retriever.search(q, 4)[1] == db.retriever.search(q, 4)[1]).all()
 
 
-def test_database_fraction_is_seeded(setup):
+def test_database_fraction_is_seeded(setup, tmp_path):
     bb, head, dm = setup
-    a = build_database(bb, head, BackboneKeys(), TorchExactRetriever(), dm, fraction=0.5, seed=1, progress=False)
-    b = build_database(bb, head, BackboneKeys(), TorchExactRetriever(), dm, fraction=0.5, seed=1, progress=False)
-    assert a.size == 9 and torch.equal(a.ids, b.ids)
+    a = build_database(bb, head, BackboneKeys(), TorchExactRetriever(), dm, tmp_path / "a", fraction=0.5, seed=1,
+                       progress=False)
+    b = build_database(bb, head, BackboneKeys(), TorchExactRetriever(), dm, tmp_path / "b", fraction=0.5, seed=1,
+                       progress=False)
+    assert a.size == 9 and torch.equal(a.ids.tensor(), b.ids.tensor())
 
 
 def test_incompatible_database_is_refused_naming_the_field(setup, tmp_path):
     bb, head, dm = setup
-    build_database(bb, head, BackboneKeys(layer=0), TorchExactRetriever(), dm, progress=False).save(tmp_path / "db")
+    build_database(bb, head, BackboneKeys(layer=0), TorchExactRetriever(), dm, tmp_path / "db", progress=False)
     strategy = RaeeExit(BackboneKeys(layer=1), TorchExactRetriever(), RobustAggregator(), database=str(tmp_path / "db"))
     with pytest.raises(ValueError, match="different key_encoder"):
         strategy.fit(bb, head, dm)
@@ -93,9 +102,9 @@ def test_incompatible_database_is_refused_naming_the_field(setup, tmp_path):
 
 def test_missing_or_truncated_database_files_are_clear_errors(setup, tmp_path):
     bb, head, dm = setup
-    build_database(bb, head, BackboneKeys(), TorchExactRetriever(), dm, progress=False).save(tmp_path / "db")
-    info = tmp_path / "db" / "exit_info.safetensors"
-    info.write_bytes(info.read_bytes()[:100])
+    build_database(bb, head, BackboneKeys(), TorchExactRetriever(), dm, tmp_path / "db", progress=False)
+    probs = tmp_path / "db" / "shards" / "00000" / "probs.npy"
+    probs.write_bytes(probs.read_bytes()[:100])
     with pytest.raises(ValueError, match="truncated or modified"):
         ExitDatabase.load(tmp_path / "db")
     with pytest.raises(FileNotFoundError, match="build it with"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from raee.retrieval import FaissRetriever, TorchExactRetriever, auto_nlist, clamp_k, resolve_factory, to_distances
+from raee.retrieval.faiss_index import auto_train_size
 from raee.retrieval.faiss_index import import_faiss
 
 faiss = pytest.importorskip("faiss")
@@ -98,6 +99,11 @@ def test_adding_in_parts_equals_adding_at_once():
 def test_approximate_indexes_reach_recall(factory, kwargs, metric):
     keys, queries = data()
     approx = FaissRetriever(factory, metric=metric, **kwargs)
+    if factory.startswith("HNSW32_PQ") and metric == "ip":
+        # FAISS's HNSW+PQ is L2-only: it used to be built silently with L2 scores read as inner products
+        with pytest.raises(ValueError, match="L2 metric only.*retriever.metric=l2"):
+            approx.add(keys)
+        return
     approx.add(keys)
     recall = recall_at(approx.search(queries, 10)[1], reference_ids(keys, queries, metric=metric))
     assert recall >= 0.95, f"{factory} {kwargs}: recall@10 {recall:.3f}"
@@ -353,7 +359,10 @@ def test_retriever_configs_instantiate():
     conf = Path(__file__).resolve().parents[1] / "conf" / "retriever"
     expected = {"torch_exact": (TorchExactRetriever, None), "faiss_flat": (FaissRetriever, "Flat"),
                 "faiss_hnsw": (FaissRetriever, "HNSW32"), "faiss_ivf": (FaissRetriever, "IVFauto,Flat"),
-                "faiss_paper": (FaissRetriever, "HNSW32_PQ64")}
+                "faiss_paper": (FaissRetriever, "HNSW32_PQ64"),
+                "faiss_ivfpq": (FaissRetriever, "IVFauto_HNSW32,PQ32,Refine(SQ8)"),
+                "faiss_gpu": (FaissRetriever, "IVFauto,PQ32")}
+    assert sorted(expected) == sorted(p.stem for p in conf.glob("*.yaml"))
     for name, (cls, factory) in expected.items():
         r = instantiate(OmegaConf.load(conf / f"{name}.yaml"))
         assert type(r) is cls
@@ -361,3 +370,161 @@ def test_retriever_configs_instantiate():
             assert r.factory == factory
     assert instantiate(OmegaConf.load(conf / "faiss_ivf.yaml")).nprobe == 16
     assert instantiate(OmegaConf.load(conf / "faiss_hnsw.yaml")).ef_search == 128
+    assert instantiate(OmegaConf.load(conf / "faiss_ivfpq.yaml")).storage == "ondisk"
+
+
+def test_scale_configs_build_on_the_cpu(tmp_path):
+    """faiss_ivfpq (auto) runs on the CPU here; faiss_gpu (use_gpu=true) says clearly that it needs a GPU."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("a GPU is present")
+    conf = Path(__file__).resolve().parents[1] / "conf" / "retriever"
+    keys, queries = data(n=20_000)
+    r = instantiate(OmegaConf.load(conf / "faiss_ivfpq.yaml"))
+    r.train(keys, 20_000)  # (a database trains on a sample; here on all of them)
+    for start in range(0, 20_000, 5000):
+        r.add(keys[start:start + 5000])
+    assert not r.on_gpu and r.resolved == "IVF512_HNSW32,PQ32np,Refine(SQ8)"
+    assert recall_at(r.search(queries, 10)[1], reference_ids(keys, queries)) >= 0.9
+    with pytest.raises(RuntimeError, match="use_gpu=true but FAISS sees no GPU"):
+        instantiate(OmegaConf.load(conf / "faiss_gpu.yaml")).add(keys)
+
+
+# ---------------------------------------------------------------------------- storage, streaming, GPU choice
+@pytest.mark.parametrize("factory,kwargs", [
+    ("Flat", {}), ("HNSW32", {"ef_search": 64}), ("IVF32,Flat", {"nprobe": 8}), ("IVF32,PQ8", {"nprobe": 8}),
+    ("IVF32,PQ8,Refine(SQ8)", {"nprobe": 8, "params": "k_factor_rf=4"}), ("IVF32_HNSW32,PQ8", {"nprobe": 8}),
+])
+@pytest.mark.parametrize("storage", ["memory", "mmap", "ondisk"])
+def test_storage_modes_search_and_extend_like_an_index_in_memory(tmp_path, factory, kwargs, storage):
+    keys, queries = data(n=3000)
+    more = keys[:200] + 0.01
+    reference = FaissRetriever(factory, **kwargs)
+    size = reference.train_size(3000, 32)
+    sample = keys[np.random.default_rng(0).choice(3000, size, replace=False)] if size else None
+    if sample is not None:
+        reference.train(sample, 3000)
+    reference.add(keys)
+    r = FaissRetriever(factory, storage=storage, **kwargs)
+    if storage == "ondisk" and "IVF" not in factory:
+        with pytest.raises(ValueError, match="storage=ondisk keeps FAISS inverted lists on disk.*IVF"):
+            r.add(keys)
+        return
+    if sample is not None:
+        r.train(sample, 3000)
+    for start in range(0, 3000, 700):  # shard by shard
+        r.add(keys[start:start + 700])
+    expected = reference.search(queries, 10)[1]
+    assert np.array_equal(r.search(queries, 10)[1], expected)
+    r.save(tmp_path / "ix")
+    files = {p.name for p in (tmp_path / "ix").iterdir()}
+    assert files == {"index.faiss", "retriever.json"} | ({"index.ivfdata"} if storage == "ondisk" else set())
+    loaded = FaissRetriever.load(tmp_path / "ix")
+    assert loaded.storage == storage and np.array_equal(loaded.search(queries, 10)[1], expected)
+    if storage == "mmap":  # mapped read-only: adding is refused (FAISS itself would abort the process)
+        with pytest.raises(ValueError, match="read-only.*writable=True"):
+            loaded.add(more)
+    # extending a saved index (what appending to a database does) equals adding in memory
+    grown = FaissRetriever.load(tmp_path / "ix", writable=True)
+    grown.add(more)
+    reference.add(more)
+    expected = reference.search(queries, 10)[1]
+    assert np.array_equal(grown.search(queries, 10)[1], expected)
+    grown.save(tmp_path / "ix2")
+    again = FaissRetriever.load(tmp_path / "ix2")
+    assert again.ntotal == 3200 and np.array_equal(again.search(queries, 10)[1], expected)
+
+
+def test_on_disk_lists_stay_quiet_and_compact(tmp_path, capfd):
+    keys, queries = data(n=3000)
+    r = FaissRetriever("IVF32,PQ8", storage="ondisk", nprobe=8)
+    for start in range(0, 3000, 500):
+        r.add(keys[start:start + 500])
+    r.save(tmp_path / "ix")
+    FaissRetriever.load(tmp_path / "ix").search(queries, 5)
+    out = capfd.readouterr().out
+    assert "resizing" not in out and "IO_FLAG" not in out  # FAISS's own printf lines are silenced
+    # the saved lists hold the codes and ids and nothing else: 3000 x (8 code bytes + 8 id bytes)
+    assert (tmp_path / "ix" / "index.ivfdata").stat().st_size == 3000 * (8 + 8)
+    assert not list(r.workdir.glob("work-*"))  # the growing work file was removed
+
+
+def test_training_sample_size():
+    assert FaissRetriever("Flat").train_size(10**6, 384) == 0  # nothing to train
+    assert FaissRetriever("HNSW32").train_size(10**6, 384) == 0
+    # 64 keys per inverted list, at least 65536 (PQ codebooks), at most the keys and 1 GiB of them
+    assert FaissRetriever("IVF4096,PQ48").train_size(10**6, 384) == 262144
+    assert FaissRetriever("IVF256,Flat").train_size(10**6, 384) == 65536
+    assert FaissRetriever("IVF256,Flat").train_size(20_000, 384) == 20_000
+    assert auto_train_size(10**7, 4096, 65536) == (1 << 30) // (4 * 4096)
+    assert FaissRetriever("IVF256,Flat", train_size=5000).train_size(10**6, 384) == 5000
+    with pytest.raises(ValueError, match="train_size=0"):
+        FaissRetriever("Flat", train_size=0)
+    with pytest.raises(ValueError, match="storage='disk'"):
+        FaissRetriever("Flat", storage="disk")
+    with pytest.raises(ValueError, match="before the first add"):
+        r = FaissRetriever("IVF16,Flat")
+        r.add(data(n=1000)[0])
+        r.train(data(n=1000)[0], 1000)
+
+
+class FakeGpus:
+    """Stands in for FAISS's GPU functions on a CPU-only build: records what the retriever asks for."""
+
+    def __init__(self, count):
+        self.count, self.calls = count, []
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(faiss, "get_num_gpus", lambda: self.count)
+        monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+        monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", lambda: type("Options", (), {})(), raising=False)
+        monkeypatch.setattr(faiss, "GpuParameterSpace", faiss.ParameterSpace, raising=False)
+
+        def to_all(resources, index, options=None, gpus=None):
+            self.calls.append(("sharded", len(resources), getattr(options, "shard", None)))
+            return index  # the CPU index stands in for the GPU one
+
+        def to_one(resource, device, index, options=None):
+            self.calls.append(("single", device))
+            return index
+
+        monkeypatch.setattr(faiss, "index_cpu_to_gpu_multiple_py", to_all, raising=False)
+        monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_one, raising=False)
+        monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda index: index, raising=False)
+        return self
+
+
+def test_several_gpus_shard_the_index_and_one_gpu_holds_it_all(monkeypatch, tmp_path):
+    """The GPU path's choices, checked with FAISS's GPU functions faked (no GPU here; never run on one)."""
+    keys, queries = data(n=2000)
+    fake = FakeGpus(2).install(monkeypatch)
+    r = FaissRetriever("IVF16,Flat", nprobe=4)
+    r.add(keys)
+    assert fake.calls == [("sharded", 2, True)] and r.on_gpu  # split over both GPUs (IndexShards)
+    fake.count, fake.calls = 1, []
+    r = FaissRetriever("Flat")
+    r.add(keys)
+    assert fake.calls == [("single", 0)]
+    fake.calls = []
+    r = FaissRetriever("Flat", use_gpu=False)
+    r.add(keys)
+    assert fake.calls == [] and not r.on_gpu
+    # on-disk lists are filled on the CPU, then copied to the GPU(s) when loaded for search
+    fake.count, fake.calls = 2, []
+    r = FaissRetriever("IVF16,Flat", storage="ondisk", nprobe=4)
+    r.add(keys)
+    r.save(tmp_path / "ix")
+    assert fake.calls == []
+    FaissRetriever.load(tmp_path / "ix", writable=True)
+    assert fake.calls == []
+    assert FaissRetriever.load(tmp_path / "ix").on_gpu and fake.calls == [("sharded", 2, True)]
+
+
+def test_without_gpus_the_cpu_path_is_chosen():
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("a GPU is present")
+    r = FaissRetriever("IVF16,Flat", storage="ondisk", use_gpu="auto")
+    r.add(data(n=1000)[0])
+    assert not r.on_gpu and type(faiss.extract_index_ivf(r.index)).__name__.startswith("IndexIVF")

@@ -7,18 +7,29 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from raee.database.tables import ShardedTable
+
+#: an exit table: a tensor, or the database's memory-mapped table (indexing rows gives a tensor)
+Table = Union[torch.Tensor, "ShardedTable"]
 
 
 @dataclass
 class ExitInfo:
-    """Exit information of the N database examples (L+1 layers, 0 = embeddings)."""
+    """Exit information of the N database examples (L+1 layers, 0 = embeddings).
 
-    preds: torch.Tensor  # (N, L+1) long: predicted class at each layer
-    probs: torch.Tensor  # (N, L+1) float: probability of that prediction (max softmax probability)
-    correct: torch.Tensor  # (N, L+1) bool: prediction == label
-    labels: torch.Tensor  # (N,) long
+    Each table is a tensor or, for a database opened from disk, a memory-mapped ShardedTable:
+    ``info.correct[rows]`` is a torch tensor either way (bool / float32 / int64 as below).
+    """
+
+    preds: Table  # (N, L+1) long: predicted class at each layer
+    probs: Table  # (N, L+1) float: probability of that prediction (max softmax probability; float16 on disk)
+    correct: Table  # (N, L+1) bool: prediction == label
+    labels: Table  # (N,) long
 
     def __post_init__(self) -> None:
         shape = tuple(self.correct.shape)
@@ -56,6 +67,7 @@ def gather_neighbours(distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo
     """distances (Q, k), ids (Q, k) (-1 = no hit) -> the neighbours' exit-table rows and validity mask.
 
     Works on the device of ``info``; ids beyond the database are an error (index and database differ).
+    Only the neighbours' rows are read, so memory-mapped tables stay on disk.
     """
     device = info.correct.device
     ids = torch.as_tensor(ids, device=device).long()

@@ -23,7 +23,7 @@ class RaeeExit(PlannedExit):
     name = "raee"
 
     def __init__(self, key_encoder: Any, retriever: Any, aggregator: Any, k: int = 12, database: str | None = None,
-                 fraction: float = 1.0, seed: int = 42, rebuild: bool = False) -> None:
+                 fraction: float = 1.0, seed: int = 42, rebuild: bool = False, keep_keys: bool | str = "auto") -> None:
         if k < 1:
             raise ValueError(f"exit.k={k} must be at least 1 (number of neighbours retrieved)")
         self.key_encoder = key_encoder
@@ -34,6 +34,7 @@ class RaeeExit(PlannedExit):
         self.fraction = float(fraction)
         self.seed = int(seed)
         self.rebuild = bool(rebuild)
+        self.keep_keys = keep_keys
         self.plan_layer = key_encoder.plan_layer
         self.db = None
         self.last: dict[str, torch.Tensor] = {}  # neighbours and distribution of the last batch (notebooks)
@@ -52,33 +53,46 @@ class RaeeExit(PlannedExit):
 
     # ------------------------------------------------------------------ database
     def default_database_dir(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any, cache_dir: Any) -> Path:
-        from raee.database import setup_description
+        from raee.database import FORMAT_VERSION, setup_description
         from raee.experiment import data_description, fingerprint
 
         key = fingerprint(setup_description(backbone, head, self.key_encoder)
-                          | {"data": data_description(datamodule), "fraction": self.fraction, "seed": self.seed})
+                          | {"data": data_description(datamodule), "fraction": self.fraction, "seed": self.seed,
+                             "keep_keys": str(self.keep_keys), "format": FORMAT_VERSION})
         return Path(cache_dir or "artifacts/cache") / "db" / key
 
     def fit(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any, cache_dir: Any = None,
             progress: bool = True) -> None:
-        """Load the exit database (checking it matches this setup) or build it from the training split."""
-        from raee.database import ExitDatabase, build_database, describe_retriever, setup_description
+        """Load the exit database (checking it matches this setup) or build it from the training split.
+
+        Built at most once however many processes ask (:func:`raee.cache.load_or_build`: a file lock,
+        built in a temporary directory, then renamed). A damaged automatic cache entry is rebuilt with
+        a warning; a database named with ``database`` (db.dir) is never rebuilt unless ``rebuild``.
+        """
+        from raee import database
+        from raee.cache import load_or_build
 
         directory = Path(self.database_dir) if self.database_dir else self.default_database_dir(
             backbone, head, datamodule, cache_dir)
-        expected = setup_description(backbone, head, self.key_encoder)
-        if (directory / "meta.json").exists() and not self.rebuild:
-            db = ExitDatabase.load(directory)
-            db.check_compatible(expected)
-            if db.meta["retriever"] != describe_retriever(self.retriever):
-                db = db.with_retriever(self.retriever)  # another index over the same keys: no backbone pass
-        elif self.database_dir and not self.rebuild:
+        if self.database_dir and not self.rebuild and not (directory / "meta.json").exists():
             raise FileNotFoundError(f"exit.database={directory} does not exist: build it with `python -m raee.build_db "
                                     f"db.dir={directory}` or leave exit.database=null to build one automatically")
-        else:
-            db = build_database(backbone, head, self.key_encoder, self.retriever, datamodule,
-                                fraction=self.fraction, seed=self.seed, progress=progress)
-            db.save(directory)
+        expected = database.setup_description(backbone, head, self.key_encoder)
+
+        def load(path: Path) -> Any:
+            db = database.ExitDatabase.load(path)
+            db.check_compatible(expected)
+            return db
+
+        def build(path: Path) -> None:
+            database.build_database(backbone, head, self.key_encoder, self.retriever, datamodule, path,
+                                    fraction=self.fraction, seed=self.seed, keep_keys=self.keep_keys,
+                                    progress=progress)
+
+        db = load_or_build(directory, build, load, auto=not self.database_dir, what="exit database",
+                           rebuild=self.rebuild)
+        if db.meta["retriever"] != database.describe_retriever(self.retriever):
+            db = db.with_retriever(self.retriever, progress=progress)  # another index, same keys: no backbone pass
         self.use_database(db)
 
     def use_database(self, db: Any) -> None:

@@ -26,6 +26,8 @@ class Retriever(ABC):
     """
 
     metric: str
+    #: a folder where an index may keep work files while keys are added (None: a temporary one)
+    workdir: Path | None = None
 
     def __init__(self, metric: str = "ip") -> None:
         if metric not in METRICS:
@@ -48,7 +50,16 @@ class Retriever(ABC):
 
     @abstractmethod
     def add(self, keys: np.ndarray) -> None:
-        """Store (N, D) float32 keys (training the index first if it needs it)."""
+        """Store (N, D) float32 keys; may be called shard after shard. An index that needs training
+        and was not trained (:meth:`train`) is trained on the first keys it is given."""
+
+    def train_size(self, total: int, dim: int) -> int:
+        """How many keys the index wants to be trained on before ``total`` keys of dimension ``dim``
+        are added (0: it needs no training). Streaming builds hand :meth:`train` a seeded sample of that size."""
+        return 0
+
+    def train(self, sample: np.ndarray, total: int) -> None:
+        """Train on (S, D) sampled keys before ``total`` keys are added shard by shard (no-op by default)."""
 
     @abstractmethod
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,8 +71,9 @@ class Retriever(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, directory: str | Path) -> "Retriever":
-        """Read an index written by :meth:`save`."""
+    def load(cls, directory: str | Path, writable: bool = False) -> "Retriever":
+        """Read an index written by :meth:`save`; ``writable``: keys will be added to it (a memory-mapped
+        index is then read into memory)."""
 
     def describe(self) -> dict[str, Any]:
         """The settings that define the index (stored in the database's metadata and compared on reuse)."""

@@ -6,18 +6,37 @@
 - nprobe (IVF) and efSearch (HNSW, or the HNSW coarse quantizer of ``IVF..._HNSW32``) are
   applied for real (the paper's scripts parsed nprobe and never set it); a knob that does not
   fit the index is an error, not silently ignored.
-- The GPU build is used when it is installed and FAISS sees a GPU (``use_gpu="auto"``).
+- Indexes that train (IVF, PQ, SQ) are trained on a sample of the keys: :meth:`FaissRetriever.train`
+  takes it (the exit database draws a seeded sample of ``train_size`` keys, default
+  :func:`auto_train_size`), then keys are added shard by shard.
+- ``storage`` says where the index lives when searched: ``memory`` (read whole), ``mmap``
+  (``faiss.read_index`` with ``IO_FLAG_MMAP``/``IO_FLAG_MMAP_IFC``: inverted lists and flat codes
+  are paged in from the file on demand, read-only) or ``ondisk`` (IVF only: FAISS's
+  ``OnDiskInvertedLists``, filled shard by shard while building, so neither building nor searching
+  needs the lists in memory; the file is compacted with ``merge_from_multiple`` when saved).
+- The GPU build is used when it is installed and FAISS sees a GPU (``use_gpu="auto"``); with
+  several GPUs the index is split over all of them (``GpuMultipleClonerOptions.shard``, FAISS's
+  IndexShards). storage=ondisk builds on the CPU and is copied to the GPU(s) when loaded.
 
-On disk: ``index.faiss`` (faiss.write_index, always the CPU form) and ``retriever.json``
-(factory, resolved factory, metric, dim, ntotal, nprobe, ef_search, params, use_gpu).
+On disk: ``index.faiss`` (faiss.write_index, always the CPU form), ``index.ivfdata`` (storage=ondisk)
+and ``retriever.json`` (factory, resolved factory, metric, dim, ntotal, nprobe, ef_search, params,
+use_gpu, storage, train_size).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import math
+import os
 import re
+import shutil
+import sys
+import tempfile
 import warnings
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +46,13 @@ from raee.atomic import atomic_path
 from raee.retrieval.base import META_FILE, REBUILD_HINT, Retriever, check_keys, open_index, write_meta
 
 INDEX_FILE = "index.faiss"
+#: storage=ondisk: the inverted lists, beside INDEX_FILE
+DATA_FILE = "index.ivfdata"
+STORAGES = ("memory", "mmap", "ondisk")
+#: auto_train_size: k-means points per inverted list, floor (PQ/SQ codebooks) and memory cap of the sample
+TRAIN_POINTS_PER_LIST = 64
+MIN_TRAIN_SAMPLE = 65536
+MAX_TRAIN_SAMPLE_BYTES = 1 << 30
 _BLAS_SET = False
 
 
@@ -50,6 +76,13 @@ def import_faiss() -> Any:
 def auto_nlist(n: int) -> int:
     """nlist for ``IVFauto``: about 8 sqrt(N) (the paper's scripts), at most N // 39, at least 1."""
     return max(1, min(int(round(8 * math.sqrt(n))), n // 39))
+
+
+def auto_train_size(total: int, dim: int, nlist: int) -> int:
+    """Keys to train an index on: 64 per inverted list (FAISS wants 39 to 256), at least 65536 (what
+    FAISS's PQ/SQ training uses at most), never more than ``total`` nor 1 GiB of float32 keys."""
+    cap = max(1, MAX_TRAIN_SAMPLE_BYTES // (4 * dim))
+    return int(min(total, cap, max(TRAIN_POINTS_PER_LIST * nlist, MIN_TRAIN_SAMPLE)))
 
 
 def _effective_dim(spec: str, dim: int) -> int:
@@ -138,21 +171,32 @@ class FaissRetriever(Retriever):
     """A FAISS index built with ``index_factory`` (see the module docstring for the knobs)."""
 
     def __init__(self, factory: str = "Flat", metric: str = "ip", nprobe: int | None = None,
-                 ef_search: int | None = None, params: str | None = None, use_gpu: str | bool = "auto") -> None:
-        """params: further FAISS ParameterSpace settings, e.g. "k_factor_rf=4" for an RFlat re-ranker."""
+                 ef_search: int | None = None, params: str | None = None, use_gpu: str | bool = "auto",
+                 storage: str = "memory", train_size: int | None = None) -> None:
+        """params: further FAISS ParameterSpace settings, e.g. "k_factor_rf=4" for an RFlat re-ranker.
+        storage: "memory", "mmap" or "ondisk" (see the module docstring).
+        train_size: keys sampled to train the index (null: :func:`auto_train_size`)."""
         super().__init__(metric)
-        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search), ("train_size", train_size)):
             if value is not None and int(value) < 1:
-                raise ValueError(f"retriever.{name}={value} must be at least 1 (or null for FAISS's default)")
+                raise ValueError(f"retriever.{name}={value} must be at least 1 (or null for the default)")
+        if storage not in STORAGES:
+            raise ValueError(f"retriever.storage={storage!r} is not one of {STORAGES}")
         _parse_params(params)  # fail early on a malformed string
         self.factory = str(factory)
         self.nprobe = None if nprobe is None else int(nprobe)
         self.ef_search = None if ef_search is None else int(ef_search)
         self.params = params or None
         self.use_gpu = _normalise_use_gpu(use_gpu)
+        self.storage = storage
+        self.train_size_setting = None if train_size is None else int(train_size)
+        #: where storage=ondisk keeps its inverted lists while keys are added (default: a temporary folder)
+        self.workdir: Path | None = None
         self.index: Any = None
         self.resolved: str | None = None
-        self._gpu_res: Any = None  # StandardGpuResources must outlive the GPU index
+        self._gpu_res: list[Any] | None = None  # GPU resources must outlive the GPU index
+        self._read_only = False  # a memory-mapped index: FAISS aborts the process on add, so we refuse first
+        self._delta: Any = None  # storage=ondisk: lists of keys added since the last merge
 
     # ------------------------------------------------------------------ properties
     @property
@@ -171,6 +215,71 @@ class FaissRetriever(Retriever):
     def _faiss_metric(self, faiss: Any) -> int:
         return faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
 
+    def _new_index(self, faiss: Any, total: int, dim: int) -> Any:
+        """An empty (untrained) index for ``total`` keys of dimension ``dim``; sets :attr:`resolved`."""
+        self.resolved = resolve_factory(self.factory, total, dim)
+        try:
+            index = faiss.index_factory(dim, self.resolved, self._faiss_metric(faiss))
+        except RuntimeError as err:
+            raise ValueError(f"retriever.factory '{self.factory}' (FAISS: '{self.resolved}') is not a valid "
+                             f"FAISS index_factory string ({_faiss_message(err)})") from err
+        if int(index.metric_type) != self._faiss_metric(faiss):
+            raise ValueError(f"FAISS builds '{self.resolved}' with the L2 metric only (it ignores "
+                             f"retriever.metric={self.metric}): set retriever.metric=l2 (on L2-normalised keys it "
+                             "ranks neighbours like inner product)")
+        if self.storage == "ondisk" and faiss.try_extract_index_ivf(index) is None:
+            raise ValueError(f"retriever.storage=ondisk keeps FAISS inverted lists on disk, but factory "
+                             f"'{self.factory}' has none: use an IVF factory (e.g. IVFauto,PQ48 or IVF4096,Flat) or "
+                             "storage=memory / mmap")
+        return index
+
+    def train_size(self, total: int, dim: int) -> int:
+        faiss = import_faiss()
+        index = self._new_index(faiss, total, dim)
+        if index.is_trained:
+            return 0
+        if self.train_size_setting is not None:
+            return min(total, self.train_size_setting)
+        ivf = faiss.try_extract_index_ivf(index)
+        return auto_train_size(total, dim, 0 if ivf is None else int(ivf.nlist))
+
+    def train(self, sample: np.ndarray, total: int) -> None:
+        """Create the index for ``total`` keys and train it on ``sample`` (S, D) (the streaming build)."""
+        if self.index is not None:
+            raise ValueError("train() must come before the first add(): this index already holds keys")
+        faiss = import_faiss()
+        sample = check_keys(sample)
+        index = self._new_index(faiss, max(int(total), len(sample)), sample.shape[1])
+        self._train(index, sample)
+        self._install(faiss, index)
+
+    def _train(self, index: Any, sample: np.ndarray) -> None:
+        if index.is_trained:
+            return
+        try:
+            index.train(sample)
+        except RuntimeError as err:
+            raise ValueError(f"training FAISS index '{self.resolved}' on {sample.shape[0]} keys failed "
+                             f"({_faiss_message(err)}): use more training examples or a smaller index "
+                             "(Flat, HNSW32)") from err
+
+    def _install(self, faiss: Any, index: Any) -> None:
+        """Make a trained, empty index the live one (on the GPU(s) when wanted; storage=ondisk stays
+        on the CPU while keys are added, see :meth:`_add_on_disk`)."""
+        if self.storage != "ondisk":
+            index = self._maybe_to_gpu(faiss, index)
+        self.index = index
+        self._apply_search_params()
+
+    def _work_file(self) -> Path:
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="raee-ondisk-"))
+            weakref.finalize(self, shutil.rmtree, self.workdir, True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="work-", suffix=f".{DATA_FILE}", dir=self.workdir)
+        os.close(fd)
+        return Path(path)
+
     def _want_gpu(self, faiss: Any) -> bool:
         gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
         if self.use_gpu is True and gpus == 0:
@@ -179,12 +288,20 @@ class FaissRetriever(Retriever):
         return gpus > 0 and self.use_gpu in ("auto", True)
 
     def _maybe_to_gpu(self, faiss: Any, index: Any) -> Any:
-        """The index on GPU 0 when wanted; with use_gpu=auto an index type the GPU lacks (HNSW) stays on the CPU."""
+        """The index on the GPU when wanted: on GPU 0, or split over every visible GPU (FAISS's own
+        sharding: each GPU holds a share of the keys, results are merged) when there are several.
+        With use_gpu=auto an index type the GPU lacks (HNSW) stays on the CPU."""
         if not self._want_gpu(faiss):
             return index
-        res = faiss.StandardGpuResources()
+        gpus = int(faiss.get_num_gpus())
+        resources = [faiss.StandardGpuResources() for _ in range(gpus)]
         try:
-            gpu_index = faiss.index_cpu_to_gpu(res, 0, index)
+            if gpus > 1:
+                options = faiss.GpuMultipleClonerOptions()
+                options.shard = True  # split the keys over the GPUs instead of copying all of them to each
+                gpu_index = faiss.index_cpu_to_gpu_multiple_py(resources, index, options)
+            else:
+                gpu_index = faiss.index_cpu_to_gpu(resources[0], 0, index)
         except RuntimeError as err:
             if self.use_gpu is True:
                 raise ValueError(f"retriever.factory '{self.factory}' cannot run on the GPU ({_faiss_message(err)}): "
@@ -192,31 +309,71 @@ class FaissRetriever(Retriever):
                                  "CPU") from err
             warnings.warn(f"FAISS index '{self.resolved}' has no GPU version; searching on the CPU", stacklevel=3)
             return index
-        self._gpu_res = res
+        self._gpu_res = resources
         return gpu_index
 
     def add(self, keys: np.ndarray) -> None:
-        """Add (N, D) keys; the first call builds the index and trains it on these keys if it needs training."""
+        """Add (N, D) keys, shard after shard if need be; without a :meth:`train` call the first keys
+        added build the index and train it."""
         faiss = import_faiss()
         keys = check_keys(keys, self.dim)
         if self.index is None:
-            self.resolved = resolve_factory(self.factory, keys.shape[0], keys.shape[1])
-            try:
-                index = faiss.index_factory(keys.shape[1], self.resolved, self._faiss_metric(faiss))
-            except RuntimeError as err:
-                raise ValueError(f"retriever.factory '{self.factory}' (FAISS: '{self.resolved}') is not a valid "
-                                 f"FAISS index_factory string ({_faiss_message(err)})") from err
-            index = self._maybe_to_gpu(faiss, index)
-            if not index.is_trained:
-                try:
-                    index.train(keys)
-                except RuntimeError as err:
-                    raise ValueError(f"training FAISS index '{self.resolved}' on {keys.shape[0]} keys failed "
-                                     f"({_faiss_message(err)}): use more training examples or a smaller index "
-                                     "(Flat, HNSW32)") from err
-            self.index = index
-            self._apply_search_params()
-        self.index.add(keys)
+            index = self._new_index(faiss, keys.shape[0], keys.shape[1])
+            self._train(index, keys)
+            self._install(faiss, index)
+        if self._read_only:
+            raise ValueError(f"this FAISS index was loaded read-only (retriever.storage={self.storage}): keys cannot "
+                             "be added to it; load it with FaissRetriever.load(directory, writable=True)")
+        if self.storage == "ondisk" and not self.on_gpu:
+            self._add_on_disk(faiss, keys)
+        else:
+            self.index.add(keys)
+
+    def _add_on_disk(self, faiss: Any, keys: np.ndarray) -> None:
+        """Encode keys into a fresh on-disk "delta" list file, merged into the main lists on search/save.
+
+        Why not add to the main lists in place: FAISS 1.15's OnDiskInvertedLists returns wrong ids
+        after adding to lists written by merge_from_multiple (what saving and loading produce).
+        The IVF's lists are swapped for the delta while the whole index (any wrapper: refine,
+        pre-transform) adds, so ids continue from ntotal and wrappers stay in step.
+        """
+        ivf = faiss.extract_index_ivf(self.index)
+        if self._delta is None:
+            self._delta = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(self._work_file()))
+        main, owned = ivf.invlists, ivf.own_invlists
+        ivf.own_invlists = False  # so that swapping in the delta does not free the main lists
+        ivf.replace_invlists(self._delta, False)
+        try:
+            with _c_stdout_silenced():  # on-disk lists print a line each time their file grows
+                self.index.add(keys)
+        finally:
+            ivf.replace_invlists(main, owned)
+
+    def _merge_lists(self, faiss: Any, target: Path, index: Any = None) -> None:
+        """Write the main lists of ``index`` (default: the live one) plus the delta into one compact
+        on-disk file ``target`` (FAISS's merge_from_multiple) and search from it; the superseded work
+        files are removed."""
+        ivf = faiss.extract_index_ivf(self.index if index is None else index)
+        old = faiss.downcast_InvertedLists(ivf.invlists)
+        old_file = Path(old.filename) if isinstance(old, faiss.OnDiskInvertedLists) else None
+        if self._delta is None and old_file == target:
+            return
+        sources = faiss.InvertedListsPtrVector()
+        sources.push_back(ivf.invlists)
+        if self._delta is not None:
+            sources.push_back(self._delta)
+        with atomic_path(target) as tmp:
+            merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(tmp))
+            with _c_stdout_silenced():
+                merged.merge_from_multiple(sources.data(), sources.size(), False)
+            merged.read_only = True  # never added to in place (see _add_on_disk)
+            ivf.replace_invlists(merged, True)  # frees the old main lists
+            merged.this.disown()
+        merged.filename = str(target)
+        for work in (old_file, Path(self._delta.filename) if self._delta is not None else None):
+            if work is not None and work != target and self.workdir is not None and work.parent == self.workdir:
+                work.unlink(missing_ok=True)
+        self._delta = None
 
     def _apply_search_params(self) -> None:
         """Set nprobe / efSearch / params on the index itself (ParameterSpace reaches through wrappers)."""
@@ -244,48 +401,109 @@ class FaissRetriever(Retriever):
 
     # ------------------------------------------------------------------ search
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._delta is not None:
+            self._merge_lists(import_faiss(), self._work_file())
         return self.index.search(queries, k)
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> None:
+        """Write ``index.faiss`` (and, for storage=ondisk, the compacted lists ``index.ivfdata``) and
+        ``retriever.json`` into ``directory``, file by file atomically."""
         if self.index is None:
             raise ValueError("nothing to save: the retriever is empty (add() keys first)")
         faiss = import_faiss()
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         index = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
+        if self.storage == "ondisk":
+            self._merge_lists(faiss, directory / DATA_FILE, index)  # (a CPU copy when on the GPU: no delta)
         with atomic_path(directory / INDEX_FILE) as tmp:
             faiss.write_index(index, str(tmp))
         write_meta(directory, self, resolved=self.resolved)
 
     @classmethod
-    def load(cls, directory: str | Path, use_gpu: str | bool | None = None) -> "FaissRetriever":
-        """Read an index written by :meth:`save` (``use_gpu`` overrides the saved setting)."""
+    def load(cls, directory: str | Path, writable: bool = False,
+             use_gpu: str | bool | None = None) -> "FaissRetriever":
+        """Read an index written by :meth:`save` (``use_gpu`` overrides the saved setting).
+
+        storage=mmap maps the file read-only unless ``writable`` (then it is read into memory, so that
+        keys can be added); storage=ondisk maps ``index.ivfdata`` read-only (added keys go to a new
+        file; :meth:`save` writes the merged lists) and is kept on the CPU when ``writable``.
+        """
         faiss = import_faiss()
         directory = Path(directory)
         path, meta = open_index(directory, INDEX_FILE)
         try:
-            index = faiss.read_index(str(path))
+            out = cls(factory=meta["factory"], metric=meta["metric"], nprobe=meta.get("nprobe"),
+                      ef_search=meta.get("ef_search"), params=meta.get("params"),
+                      use_gpu=meta.get("use_gpu", "auto") if use_gpu is None else use_gpu,
+                      storage=meta.get("storage", "memory"), train_size=meta.get("train_size"))
+        except KeyError as err:
+            raise ValueError(f"index metadata {directory / META_FILE} lacks {err}: {REBUILD_HINT}") from err
+        out.resolved = meta.get("resolved")
+        flags = 0
+        if out.storage == "mmap" and not writable:
+            # IVF: the inverted lists are mapped; otherwise the flat codes (Flat, PQ, SQ, HNSW's storage)
+            flags = faiss.IO_FLAG_MMAP if "IVF" in str(out.resolved) else faiss.IO_FLAG_MMAP_IFC
+        elif out.storage == "ondisk":
+            flags = faiss.IO_FLAG_SKIP_IVF_DATA  # the lists are mapped below, from this directory
+        try:
+            index = faiss.read_index(str(path), flags)
         except RuntimeError as err:
             raise ValueError(f"index file {path} is truncated or corrupt ({path.stat().st_size} bytes, FAISS: "
                              f"{_faiss_message(err)}): {REBUILD_HINT}") from err
+        if out.storage == "ondisk":
+            _map_lists(faiss, index, directory / DATA_FILE)
         found = {"ntotal": int(index.ntotal), "dim": int(index.d)}
         for field, value in found.items():
             if field in meta and meta[field] != value:
                 raise ValueError(f"index file {path} holds {field}={value}, its metadata {directory / META_FILE} says "
                                  f"{meta[field]}: {REBUILD_HINT}")
-        try:
-            out = cls(factory=meta["factory"], metric=meta["metric"], nprobe=meta.get("nprobe"),
-                      ef_search=meta.get("ef_search"), params=meta.get("params"),
-                      use_gpu=meta.get("use_gpu", "auto") if use_gpu is None else use_gpu)
-        except KeyError as err:
-            raise ValueError(f"index metadata {directory / META_FILE} lacks {err}: {REBUILD_HINT}") from err
         if int(index.metric_type) != out._faiss_metric(faiss):
             raise ValueError(f"index file {path} uses another metric than its metadata ({out.metric}): {REBUILD_HINT}")
-        out.resolved = meta.get("resolved")
-        out.index = out._maybe_to_gpu(faiss, index)
+        out._read_only = out.storage == "mmap" and not writable
+        out.index = index if writable and out.storage == "ondisk" else out._maybe_to_gpu(faiss, index)
         out._apply_search_params()
         return out
 
     def describe(self) -> dict[str, Any]:
         return {"type": "faiss", "factory": self.factory, "metric": self.metric, "nprobe": self.nprobe,
-                "ef_search": self.ef_search, "params": self.params, "use_gpu": self.use_gpu}
+                "ef_search": self.ef_search, "params": self.params, "use_gpu": self.use_gpu,
+                "storage": self.storage, "train_size": self.train_size_setting}
+
+
+def _map_lists(faiss: Any, index: Any, data: Path) -> None:
+    """Point an index read with IO_FLAG_SKIP_IVF_DATA at its on-disk lists file and map it (the file
+    moved with its database directory; FAISS's IO_FLAG_ONDISK_SAME_DIR does the same but prints a line)."""
+    ivf = faiss.extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    if not isinstance(lists, faiss.OnDiskInvertedLists):
+        raise ValueError(f"{data.parent / INDEX_FILE} has in-memory inverted lists but its metadata says "
+                         f"storage=ondisk: {REBUILD_HINT}")
+    if not data.exists():
+        raise FileNotFoundError(f"index file {data} is missing: {REBUILD_HINT}")
+    if data.stat().st_size < int(lists.totsize):
+        raise ValueError(f"index file {data} is truncated or corrupt ({data.stat().st_size} bytes, the index expects "
+                         f"{int(lists.totsize)}): {REBUILD_HINT}")
+    lists.filename = str(data)
+    lists.read_only = True  # never added to in place (see FaissRetriever._add_on_disk)
+    lists.do_mmap()
+
+
+@contextlib.contextmanager
+def _c_stdout_silenced() -> Iterator[None]:
+    """Send the process's C-level stdout to /dev/null meanwhile: FAISS's on-disk inverted lists
+    printf a line each time their file grows. Python's own output is flushed first and unaffected after."""
+    sys.stdout.flush()
+    libc = ctypes.CDLL(None)
+    libc.fflush(None)
+    saved = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    try:
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)

@@ -39,32 +39,42 @@ class TorchExactRetriever(Retriever):
         super().__init__(metric)
         self.device_name = str(device)
         self.device = resolve_device(self.device_name)
-        self.keys = torch.zeros(0, 0, device=self.device)  # (N, D)
+        self._parts: list[torch.Tensor] = []  # keys added shard by shard, joined on first search
+        self._keys = torch.zeros(0, 0, device=self.device)  # (N, D)
         self._sq_norms = torch.zeros(0, device=self.device)  # (N,) |K|^2 for l2
 
     @property
+    def keys(self) -> torch.Tensor:
+        """(N, D) all stored keys (joined once after shard-by-shard adds)."""
+        if self._parts:
+            self._keys = torch.cat([self._keys, *self._parts]) if self._keys.numel() else torch.cat(self._parts)
+            self._parts = []
+            self._sq_norms = (self._keys * self._keys).sum(1)
+        return self._keys
+
+    @property
     def ntotal(self) -> int:
-        return int(self.keys.shape[0])
+        return int(self._keys.shape[0]) + sum(int(p.shape[0]) for p in self._parts)
 
     @property
     def dim(self) -> int | None:
-        return int(self.keys.shape[1]) if self.ntotal else None
+        first = self._parts[0] if self._parts else self._keys
+        return int(first.shape[1]) if self.ntotal else None
 
     def add(self, keys: np.ndarray) -> None:
-        new = torch.from_numpy(check_keys(keys, self.dim)).to(self.device)
-        self.keys = torch.cat([self.keys, new]) if self.ntotal else new
-        self._sq_norms = (self.keys * self.keys).sum(1)
+        self._parts.append(torch.from_numpy(check_keys(keys, self.dim)).to(self.device))
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        keys = self.keys
         q_all = torch.from_numpy(queries).to(self.device)
         rows = max(1, CHUNK_ELEMENTS // max(1, self.ntotal))
         scores, ids = [], []
         for start in range(0, q_all.shape[0], rows):
             q = q_all[start:start + rows]
             if self.metric == "ip":
-                s, i = (q @ self.keys.T).topk(k, dim=1)
+                s, i = (q @ keys.T).topk(k, dim=1)
             else:
-                d = (q * q).sum(1, keepdim=True) - 2.0 * (q @ self.keys.T) + self._sq_norms
+                d = (q * q).sum(1, keepdim=True) - 2.0 * (q @ keys.T) + self._sq_norms
                 s, i = d.clamp(min=0.0).topk(k, dim=1, largest=False)
             scores.append(s.cpu())
             ids.append(i.cpu())
@@ -81,9 +91,10 @@ class TorchExactRetriever(Retriever):
         write_meta(directory, self, device=self.device_name)
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | None = None) -> "TorchExactRetriever":
-        """Read keys written by :meth:`save`; ``device`` overrides the saved one (a CPU machine can
-        read a database built on a GPU: a saved "cuda" falls back to the CPU when no GPU is seen)."""
+    def load(cls, directory: str | Path, writable: bool = False, device: str | None = None) -> "TorchExactRetriever":
+        """Read keys written by :meth:`save` (always into memory, so always ``writable``); ``device``
+        overrides the saved one (a CPU machine can read a database built on a GPU: a saved "cuda"
+        falls back to the CPU when no GPU is seen)."""
         path, meta = open_index(directory, KEYS_FILE)
         try:
             keys = load_file(str(path))["keys"]

@@ -1,0 +1,226 @@
+"""Build an exit database by streaming, and append to one, in bounded memory.
+
+Build: one backbone pass over (a fraction of) the training split; each batch's keys and exit
+tables go to a :class:`~raee.database.store.ShardWriter` (memory: one batch plus one shard's
+buffer, whatever N is). Then the index is trained on a seeded sample of the stored keys and
+filled shard by shard, the keys are dropped unless kept, and meta.json is written last: a
+directory without it never loads, so an interrupted build leaves nothing that passes for complete.
+
+Append: new shards beside the existing ones (hard links, nothing recomputed), the existing index
+extended with the new keys, meta.json and its content hash rewritten; built in a new directory
+that replaces the old one atomically under the cache's file lock (:func:`raee.cache.load_or_build`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import raee
+from raee.atomic import atomic_write_text
+from raee.backbones.base import LayerwiseBackbone
+from raee.database import store
+from raee.database.exit_db import (FORMAT_VERSION, INDEX_DIR, META_FILE, ExitDatabase, describe_retriever,
+                                   retriever_class, setup_description)
+from raee.features import encode_batch
+from raee.keys import KeyEncoder
+
+#: db.keep_keys=auto keeps the raw float32 keys when they take at most this much disk (N x D x 4 bytes):
+#: 2 GiB is 1.4M MiniLM keys (D=384) or 130k Llama-3-8B keys (D=4096)
+KEEP_KEYS_AUTO_BYTES = 2 << 30
+
+
+def resolve_keep_keys(keep_keys: bool | str, count: int, dim: int) -> bool:
+    """db.keep_keys (true / false / auto) for ``count`` keys of dimension ``dim`` -> keep them or not."""
+    text = str(keep_keys).strip().lower()
+    if text not in ("true", "false", "auto"):
+        raise ValueError(f"db.keep_keys={keep_keys!r} must be true, false or auto")
+    if text == "auto":
+        return count * dim * 4 <= KEEP_KEYS_AUTO_BYTES
+    return text == "true"
+
+
+def select_fraction(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Seeded sorted subset of range(n) of size round(fraction * n) (at least 1)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"db.fraction={fraction} must be in (0, 1]")
+    if n == 0:
+        raise ValueError("the training split is empty: the exit database needs training examples")
+    count = max(1, int(round(fraction * n)))
+    return np.sort(np.random.default_rng(seed).permutation(n)[:count])
+
+
+@torch.no_grad()
+def exit_rows(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder,
+              batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """One batch through every layer -> its database rows: keys (B, D), labels (B,), ids (B,) and, per
+    layer 0..L, preds (B, L+1) (the head's prediction), probs (B, L+1) (its probability) and correct
+    (B, L+1) (prediction == label). Hidden states are dropped on return."""
+    enc = encode_batch(backbone, head, batch)
+    states = backbone.all_layers(**enc)
+    keys = key_encoder.encode(states[key_encoder.plan_layer], list(batch["text"]))
+    layer_probs = torch.stack([torch.softmax(head(s).float(), -1) for s in states], dim=1).cpu()  # (B, L+1, C)
+    probs, preds = layer_probs.max(-1)
+    labels = batch["label"].cpu()
+    return {"keys": keys.float().cpu().numpy(), "labels": labels.numpy(), "preds": preds.numpy(),
+            "probs": probs.numpy(), "correct": (preds == labels.long().unsqueeze(1)).numpy(),
+            "ids": batch["index"].long().cpu().numpy()}
+
+
+def fill_index(retriever: Any, key_files: list[Path], counts: list[int], *, seed: int,
+               extend: bool = False, progress: bool = True) -> None:
+    """Fill ``retriever`` from stored key shards: trained first on a seeded sample of
+    ``retriever.train_size(N, D)`` keys when it needs training (unless ``extend``: an existing,
+    trained index gets more keys), then given one shard at a time."""
+    if not extend:
+        dim = int(np.load(key_files[0], mmap_mode="r", allow_pickle=False).shape[1])
+        want = retriever.train_size(sum(counts), dim)
+        if want:
+            retriever.train(store.sample_keys(key_files, counts, want, seed), sum(counts))
+    for keys in tqdm(store.iter_key_shards(key_files), total=len(key_files), desc="index", unit="shard",
+                     disable=not progress, leave=False):
+        retriever.add(keys)
+
+
+@torch.no_grad()
+def build_database(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, retriever: Any,
+                   datamodule: Any, directory: str | Path, *, fraction: float = 1.0, seed: int = 42,
+                   keep_keys: bool | str = "auto", shard_rows: int | None = None,
+                   progress: bool = True) -> ExitDatabase:
+    """Stream one backbone pass over (a fraction of) the training split into the empty ``directory``.
+
+    keep_keys: keep the raw keys (another retriever can then be built without a backbone pass), drop
+        them, or "auto": keep them when they take at most 2 GiB (:data:`KEEP_KEYS_AUTO_BYTES`).
+    shard_rows: rows per shard (default: about 128 MiB of keys and tables per shard).
+    Write into a fresh directory and rename it (as :func:`raee.cache.load_or_build` does) for an
+    atomic result; on its own, a failed build leaves a directory without meta.json, which never loads.
+    """
+    directory = _empty_directory(directory)
+    n_train = len(datamodule.split("train"))
+    chosen = torch.from_numpy(select_fraction(n_train, fraction, seed))
+    started = time.perf_counter()
+    writer: store.ShardWriter | None = None
+    source = {"dataset": getattr(datamodule, "name", None), "split": "train"}
+    for batch in tqdm(datamodule.train_dataloader(), desc="exit database", disable=not progress, leave=False):
+        take = torch.isin(batch["index"], chosen)
+        if not take.any():
+            continue
+        rows = exit_rows(backbone, head, key_encoder, _subset(batch, take))
+        if writer is None:
+            rows_per_shard = shard_rows or store.default_shard_rows(rows["keys"].shape[1], backbone.num_layers)
+            writer = store.ShardWriter(directory / store.SHARDS_DIR, rows_per_shard, source=source)
+        writer.add(**rows)
+    if writer is None:
+        raise ValueError("no training example was selected for the exit database (empty training split?)")
+    shards = writer.close()
+    count = len(chosen)
+    meta = setup_description(backbone, head, key_encoder) | {
+        "format": FORMAT_VERSION, "dataset": source["dataset"], "split": "train", "fraction": fraction,
+        "seed": seed, "train_size": n_train, "label_names": list(getattr(datamodule, "label_names", []) or []),
+        "keep_keys": resolve_keep_keys(keep_keys, count, _key_dim(directory, shards[0])),
+        "version": raee.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    return finish_database(directory, retriever, meta, shards, started=started, progress=progress)
+
+
+def finish_database(directory: Path, retriever: Any, meta: dict[str, Any], new_shards: list[str],
+                    old_records: list[dict[str, Any]] | None = None, started: float | None = None,
+                    progress: bool = True) -> ExitDatabase:
+    """Index the new shards' keys (a fresh index, or ``retriever`` extended when there are old shards),
+    drop the keys unless kept, and write meta.json last."""
+    old_records = old_records or []
+    key_files = store.key_files(directory, [{"name": n} for n in new_shards])
+    counts = [int(np.load(f, mmap_mode="r", allow_pickle=False).shape[0]) for f in key_files]
+    retriever.workdir = directory / INDEX_DIR  # an on-disk index grows its lists in place
+    fill_index(retriever, key_files, counts, seed=int(meta["seed"]), extend=bool(old_records), progress=progress)
+    retriever.save(directory / INDEX_DIR)
+    if not meta["keep_keys"]:
+        for path in key_files:
+            path.unlink()
+    records = old_records + [store.shard_record(directory, name) for name in new_shards]
+    meta = dict(meta, retriever=describe_retriever(retriever), count=sum(r["count"] for r in records),
+                key_dim=int(retriever.dim), shards=records, content_hash=store.content_hash(records))
+    if started is not None:
+        meta["build_seconds"] = time.perf_counter() - started
+    meta.pop("path", None)
+    atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2))
+    return ExitDatabase.load(directory)
+
+
+@torch.no_grad()
+def append_database(directory: str | Path, backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder,
+                    batches: Iterable[dict[str, Any]], *, source: dict[str, Any], shard_rows: int | None = None,
+                    progress: bool = True) -> ExitDatabase:
+    """Add the examples in ``batches`` (the data contract: text, text_pair, label, index) to the database
+    in ``directory``: new shards, the stored index extended with their keys, a new content hash.
+
+    The old rows are not recomputed (their shard files are hard-linked into the new version). A
+    database whose shards disagree with its metadata is refused; so is a source whose ``sha256``
+    was appended before.
+    """
+    from raee.cache import load_or_build
+
+    directory = Path(directory)
+    started = time.perf_counter()
+
+    def build(new: Path) -> None:
+        old = ExitDatabase.load(directory)
+        old.check_compatible(setup_description(backbone, head, key_encoder))
+        records = old.meta["shards"]
+        seen = [r["source"].get("sha256") for r in records]
+        if source.get("sha256") and source["sha256"] in seen:
+            raise ValueError(f"{source.get('file', 'these examples')} (sha256 {source['sha256'][:12]}...) were already "
+                             f"appended to exit database {directory}; nothing to do")
+        for record in records:
+            for file in [*record["files"], "source.json"]:
+                if (directory / store.SHARDS_DIR / record["name"] / file).exists():
+                    store.link_or_copy(directory / store.SHARDS_DIR / record["name"] / file,
+                                       new / store.SHARDS_DIR / record["name"] / file)
+        writer = store.ShardWriter(new / store.SHARDS_DIR,
+                                   shard_rows or store.default_shard_rows(old.key_dim, old.info.num_layers),
+                                   first_shard=len(records), source=source)
+        for batch in tqdm(batches, desc="append", disable=not progress, leave=False):
+            writer.add(**exit_rows(backbone, head, key_encoder, batch))
+        shards = writer.close()
+        if not shards:
+            raise ValueError(f"nothing to append to exit database {directory}: {source} has no examples")
+        retriever = retriever_class(old.meta["retriever"]["class"]).load(directory / INDEX_DIR, writable=True)
+        meta = {k: v for k, v in old.meta.items() if k != "path"}
+        meta["modified"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        finish_database(new, retriever, meta, shards, old_records=records, started=started, progress=progress)
+
+    return load_or_build(directory, build, ExitDatabase.load, auto=False, what="exit database", rebuild=True)
+
+
+def _empty_directory(directory: str | Path) -> Path:
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise ValueError(f"cannot build an exit database into {directory}: it is not empty (give a new directory; "
+                         "python -m raee.build_db replaces an existing database atomically)")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def _key_dim(directory: Path, shard: str) -> int:
+    return int(np.load(directory / store.SHARDS_DIR / shard / f"{store.KEYS}.npy", mmap_mode="r",
+                       allow_pickle=False).shape[1])
+
+
+def _subset(batch: dict[str, Any], take: torch.Tensor) -> dict[str, Any]:
+    rows = torch.nonzero(take).flatten().tolist()
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value[take]
+        elif isinstance(value, list):
+            out[key] = [value[i] for i in rows]
+        else:
+            out[key] = value
+    return out
