@@ -22,6 +22,7 @@ import torch
 import raee
 from raee.atomic import atomic_write_text
 from raee.backbones.base import LayerwiseBackbone
+from raee.cache import load_or_build
 from raee.exits.base import ExitStrategy
 from raee.exits.simple import FullModel, OracleExit
 from raee.heads.base import Head
@@ -42,34 +43,70 @@ def data_description(datamodule: Any) -> dict[str, Any]:
             "train_size": len(train), "label_names": list(datamodule.label_names)}
 
 
+def task_type(datamodule: Any) -> str:
+    """"regression" for a data module with real-valued targets, else "classification"."""
+    return "regression" if getattr(datamodule, "is_regression", False) else "classification"
+
+
+def head_cache_dir(backbone: LayerwiseBackbone, head: Head, datamodule: Any,
+                   cache_dir: str | Path | None) -> Path | None:
+    """Where a fitted head is cached: keyed on backbone, head (every training setting, see describe())
+    and data; None without a cache directory."""
+    if not cache_dir:
+        return None
+    key = fingerprint({"backbone": backbone.describe(), "head": head.describe(), "data": data_description(datamodule)})
+    return Path(cache_dir) / "heads" / key
+
+
 def prepare_head(backbone: LayerwiseBackbone, head: Head, datamodule: Any, cache_dir: str | Path | None = None,
-                 progress: bool = True) -> None:
-    """Bind ``head`` to the backbone and fit it on the training split (cached by content on disk)."""
-    head.bind(backbone, list(datamodule.label_names))
-    if not head.needs_fit:
+                 progress: bool = True, fit: bool = True) -> None:
+    """Bind ``head`` to the backbone and the task, and fit it on the training split once per setting
+    (a build-once cache directory keyed on backbone, head and data; safe under parallel jobs).
+
+    fit=False only binds (a strategy that trains the head itself, HashEE). A regression task binds
+    one output named "value"; heads that cannot regress refuse it here.
+    """
+    task = task_type(datamodule)
+    head.use_task(task)
+    head.bind(backbone, list(datamodule.label_names) or (["value"] if task == "regression" else []))
+    if not head.needs_fit or not fit:
         return
     checkpoint = getattr(head, "checkpoint", None)
-    key = fingerprint({"backbone": backbone.describe(), "head": head.describe(), "data": data_description(datamodule)})
-    target = Path(checkpoint) if checkpoint else (Path(cache_dir) / "heads" / key if cache_dir else None)
-    if target is not None and (target / "head.json").exists():
-        head.load(target, backbone)
+    target = Path(checkpoint) if checkpoint else head_cache_dir(backbone, head, datamodule, cache_dir)
+    if target is None:
+        head.fit(backbone, datamodule, progress=progress)
         return
-    head.fit(backbone, datamodule, progress=progress)
-    if target is not None:
-        head.save(target, backbone)
+
+    def build(directory: Path) -> None:
+        head.fit(backbone, datamodule, progress=progress)
+        head.save(directory, backbone)
+
+    load_or_build(target, build, lambda d: head.load(d, backbone), auto=not checkpoint, what="fitted head")
+
+
+#: splits a run can be evaluated on (tune settings on validation, report on test)
+EVAL_SPLITS = ("test", "validation")
+
+
+def eval_dataloader(datamodule: Any, split: str = "test") -> Any:
+    """The data loader of the split a run is evaluated on."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"eval_split={split!r} is not an evaluation split: use test, or validation to tune "
+                         "settings without looking at the test data")
+    return datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
 
 
 def evaluate(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, datamodule: Any,
-             trainer_kwargs: dict[str, Any] | None = None, logger: Any = None, warmup_batches: int = 1
-             ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``trainer.test`` of one strategy over the test split; returns (results, per-example columns)."""
+             trainer_kwargs: dict[str, Any] | None = None, logger: Any = None, warmup_batches: int = 1,
+             split: str = "test") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``trainer.test`` of one strategy over ``split`` (test or validation); returns (results, per-example columns)."""
     strategy.prepare(backbone, head)
     module = EarlyExitModule(backbone, head, strategy, warmup_batches=warmup_batches)
     kwargs = dict(accelerator="cpu", devices=1, logger=logger or False, enable_checkpointing=False,
                   enable_model_summary=False, enable_progress_bar=True)
     kwargs.update(trainer_kwargs or {})
     trainer = L.Trainer(**kwargs)
-    trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
+    trainer.test(module, dataloaders=eval_dataloader(datamodule, split), verbose=False)
     return module.results(), module.predictions()
 
 
@@ -86,19 +123,33 @@ def build_summary(results: dict[str, Any], strategy: ExitStrategy, backbone: Lay
         "num_examples": results["num_examples"], "seed": seed, "task_metric": task_metric,
         "task_metric_value": results.get(task_metric),
         "accuracy": results.get("accuracy"), "macro_f1": results.get("macro_f1"), "mcc": results.get("mcc"),
+        "pearson": results.get("pearson"), "spearman": results.get("spearman"), "mse": results.get("mse"),
         "mean_exit_layer": results["mean_exit_layer"], "layer_speedup": results["layer_speedup"],
         "layers_saved": results["layers_saved"], "flops_speedup": results.get("flops_speedup"),
         "wall_time_s": results["wall_time_s"], "throughput": results["throughput"],
         "full_wall_time_s": full_time,
         "wall_speedup": full_time / results["wall_time_s"] if full_time and results["wall_time_s"] else None,
         "full_accuracy": full.get("accuracy") if full else None,
+        "full_task_metric_value": full.get(task_metric) if full else None,
         "oracle_accuracy": oracle.get("accuracy") if oracle else None,
+        "oracle_task_metric_value": oracle.get(task_metric) if oracle else None,
         "oracle_mean_exit_layer": oracle.get("mean_exit_layer") if oracle else None,
+        "budget": training_budget(strategy, head),
         "retrieval_time_s": results["retrieval_time_s"], "retrieval_share": results["retrieval_share"],
         "timings": results.get("timings", {}), "exit_layer_counts": results["exit_layer_counts"],
         "status": "ok", "version": raee.__version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+
+
+def training_budget(strategy: ExitStrategy, head: Head) -> dict[str, Any] | None:
+    """How the weights a run evaluates were fine-tuned (epochs, steps, learning rates, seed): the
+    strategy's own fine-tune (HashEE) or the head's joint fine-tune (PABEE); None for a frozen backbone."""
+    for owner in (strategy, head):
+        budget = getattr(owner, "budget", None)
+        if callable(budget) and budget() is not None:
+            return budget()
+    return None
 
 
 def write_outputs(output_dir: str | Path, summary: dict[str, Any], columns: dict[str, torch.Tensor]) -> None:
@@ -121,6 +172,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"method={summary['method']} {summary['knobs']}  backbone={summary['backbone']}  head={summary['head']}  "
         f"data={summary['dataset']} ({summary['num_examples']} examples)",
+        (f"  {summary['task_metric']}: {f(summary['task_metric_value'])}   (full model: "
+         f"{f(summary.get('full_task_metric_value'))}, oracle: {f(summary.get('oracle_task_metric_value'))} at mean "
+         f"layer {f(summary.get('oracle_mean_exit_layer'), '.2f')})   mse: {f(summary.get('mse'))}")
+        if summary.get("accuracy") is None else
         (f"  {summary['task_metric']}: {f(summary['task_metric_value'])}" if summary["task_metric"] != "accuracy" else "")
         + f"  accuracy: {f(summary['accuracy'])}"
         f"   (full model: {f(summary['full_accuracy'])}, oracle: {f(summary.get('oracle_accuracy'))} at mean layer "
@@ -133,6 +188,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  retrieval: {f(summary['retrieval_time_s'], '.3f')} s ({f((summary['retrieval_share'] or 0) * 100, '.1f')}% "
         f"of wall-clock)   exits per layer: {summary['exit_layer_counts']}",
     ]
+    if summary.get("budget"):
+        b = summary["budget"]
+        lines.append(f"  fine-tuned by {b['by']}: {b['epochs']} epochs, {b['steps']} steps, lr {b['lr']:g} "
+                     f"(classifier {b['head_lr']:g}), seed {b['seed']}")
     return "\n".join(lines)
 
 
@@ -140,20 +199,30 @@ def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrate
                    output_dir: str | Path, run_name: str = "run", seed: int = 42, compare_full: bool = True,
                    compare_oracle: bool = False, cache_dir: str | Path | None = "artifacts/cache",
                    trainer_kwargs: dict[str, Any] | None = None,
-                   logger: Any = None, warmup_batches: int = 1, progress: bool = True) -> dict[str, Any]:
-    """Everything one run does; returns the summary (also written to ``output_dir``)."""
+                   logger: Any = None, warmup_batches: int = 1, progress: bool = True,
+                   eval_split: str = "test", regression_tolerance: float = 0.5) -> dict[str, Any]:
+    """Everything one run does; returns the summary (also written to ``output_dir``).
+
+    eval_split: "test" (report) or "validation" (tune settings without touching the test split).
+    regression_tolerance: the oracle's "correct" on a regression task (|prediction - target| <= it).
+    """
     L.seed_everything(seed, workers=True, verbose=False)
+    eval_dataloader(datamodule, eval_split)  # refuse a bad split before any expensive work
     datamodule.setup("test")
     strategy.validate(backbone.num_layers)  # fail on bad knobs before any expensive work
-    prepare_head(backbone, head, datamodule, cache_dir=cache_dir, progress=progress)
+    strategy.check_task(task_type(datamodule) == "regression")
+    prepare_head(backbone, head, datamodule, cache_dir=cache_dir, progress=progress,
+                 fit=not getattr(strategy, "trains_head", False))
     strategy.fit(backbone, head, datamodule, cache_dir=cache_dir, progress=progress)
     full = None
     if compare_full and not isinstance(strategy, FullModel):
-        full, _ = evaluate(backbone, head, FullModel(), datamodule, trainer_kwargs, None, warmup_batches)
+        full, _ = evaluate(backbone, head, FullModel(), datamodule, trainer_kwargs, None, warmup_batches, eval_split)
     oracle = None
     if compare_oracle and not isinstance(strategy, OracleExit):
-        oracle, _ = evaluate(backbone, head, OracleExit(), datamodule, trainer_kwargs, None, warmup_batches)
-    results, columns = evaluate(backbone, head, strategy, datamodule, trainer_kwargs, logger, warmup_batches)
+        oracle, _ = evaluate(backbone, head, OracleExit(regression_tolerance), datamodule, trainer_kwargs, None,
+                             warmup_batches, eval_split)
+    results, columns = evaluate(backbone, head, strategy, datamodule, trainer_kwargs, logger, warmup_batches,
+                                eval_split)
     if isinstance(strategy, FullModel):
         full = results
     if isinstance(strategy, OracleExit):
@@ -162,6 +231,6 @@ def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrate
     if callable(flops):
         results["flops_speedup"] = flops()
     summary = build_summary(results, strategy, backbone, head, datamodule, full, run_name=run_name, seed=seed,
-                            oracle=oracle)
+                            split=eval_split, oracle=oracle)
     write_outputs(output_dir, summary, columns)
     return summary

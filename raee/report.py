@@ -39,10 +39,10 @@ SWEEP_MARKER = "multirun.yaml"
 #: the per-run columns of :func:`collect`, in order (knob_<name> columns follow ``knobs``)
 COLUMNS = (
     "method", "knobs", "dataset", "split", "backbone", "head", "num_layers", "task_metric", "task_metric_value",
-    "accuracy", "macro_f1", "mcc", "mean_exit_layer", "layer_speedup", "layers_saved", "flops_speedup",
+    "accuracy", "macro_f1", "mcc", "spearman", "budget", "mean_exit_layer", "layer_speedup", "layers_saved", "flops_speedup",
     "wall_time_s", "full_wall_time_s", "wall_speedup", "sweep_wall_speedup", "throughput", "retrieval_share",
     "num_examples", "seed", "exit_layer_counts", "overrides", "sweep", "run_dir")
-NUMERIC_COLUMNS = ("task_metric_value", "accuracy", "macro_f1", "mcc", "mean_exit_layer", "layer_speedup",
+NUMERIC_COLUMNS = ("task_metric_value", "accuracy", "macro_f1", "mcc", "spearman", "mean_exit_layer", "layer_speedup",
                    "layers_saved", "flops_speedup", "wall_time_s", "full_wall_time_s", "wall_speedup",
                    "sweep_wall_speedup", "throughput", "retrieval_share")
 FAILED_COLUMNS = ("run_dir", "method", "data", "backbone", "head", "error", "overrides")
@@ -198,6 +198,7 @@ def _summaries(root: Path) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]
             continue
         flat = flatten_knobs(summary.get("knobs"))
         row = {c: summary.get(c) for c in COLUMNS}
+        row["budget"] = budget_string(summary.get("budget"))
         row.update(knobs=knobs_string(flat), overrides=_overrides(run_dir), run_dir=_rel(run_dir, root),
                    sweep=_rel(_sweep_dir(run_dir, root), root))
         if row["throughput"] is None and row["wall_time_s"] and row["num_examples"]:
@@ -205,6 +206,14 @@ def _summaries(root: Path) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]
         row.update({f"knob_{k}": (_fmt(v) if isinstance(v, (list, tuple)) else v) for k, v in flat.items()})
         rows.append(row)
     return rows, bad
+
+
+def budget_string(budget: dict[str, Any] | None) -> str:
+    """How a run's weights were fine-tuned, e.g. 'head: 3 ep, 120 steps, lr 5e-05/0.001, seed 42' ('' if frozen)."""
+    if not budget:
+        return ""
+    return (f"{budget.get('by')}: {budget.get('epochs')} ep, {budget.get('steps')} steps, "
+            f"lr {_fmt(budget.get('lr'))}/{_fmt(budget.get('head_lr'))}, seed {budget.get('seed')}")
 
 
 def add_sweep_speedup(df: pd.DataFrame) -> pd.DataFrame:
@@ -348,6 +357,7 @@ def markdown_table(df: pd.DataFrame, columns: dict[str, str] | None = None, form
 RESULT_HEADERS = {
     "dataset": "dataset", "backbone_short": "backbone", "head": "head", "method": "method", "knobs_shown": "knobs",
     "task_metric": "metric", "task_metric_value": "value", "accuracy": "accuracy", "macro_f1": "macro F1",
+    "spearman": "Spearman", "budget": "fine-tuning budget",
     "mean_exit_layer": "mean exit layer", "num_layers": "L", "layer_speedup": "layer speed-up",
     "wall_speedup": "wall speed-up", "sweep_wall_speedup": "sweep wall speed-up", "flops_speedup": "FLOPs speed-up",
     "retrieval_share": "retrieval share", "num_examples": "n", "pareto": "Pareto", "run_dir": "run",
@@ -361,7 +371,9 @@ def results_markdown(df: pd.DataFrame) -> str:
     df = sort_runs(df if "speedup" in df.columns else add_analysis(df))
     df = df.assign(knobs_shown=[v or k for v, k in zip(df["varying_knobs"], df["knobs"].fillna(""))],
                    backbone_short=[str(b).rstrip("/").split("/")[-1] for b in df["backbone"]])
-    return markdown_table(df, RESULT_HEADERS, RESULT_FORMATS)
+    shown = {c: h for c, h in RESULT_HEADERS.items()  # columns only some runs fill: hidden when none does
+             if c not in ("spearman", "budget") or df[c].replace("", np.nan).notna().any()}
+    return markdown_table(df, shown, RESULT_FORMATS)
 
 
 def failed_markdown(failed: pd.DataFrame) -> str:

@@ -75,7 +75,8 @@ def run(cfg: DictConfig, output_dir: str, group: str | None = None) -> dict[str,
         run_name=run_name, seed=int(cfg.seed), compare_full=bool(cfg.compare_full),
         compare_oracle=bool(cfg.get("compare_oracle", False)), cache_dir=cfg.paths.cache_dir,
         trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger,
-        warmup_batches=int(cfg.warmup_batches))
+        warmup_batches=int(cfg.warmup_batches), eval_split=str(cfg.get("eval_split", "test")),
+        regression_tolerance=float(cfg.get("regression_tolerance", 0.5)))
     log_summary(logger, summary)
     print(format_summary(summary))
     print(f"results: {output_dir}/summary.json, {output_dir}/predictions.csv")
