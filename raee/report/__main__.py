@@ -1,0 +1,7 @@
+"""``python -m raee.report``."""
+
+import sys
+
+from raee.report.cli import main
+
+sys.exit(main())

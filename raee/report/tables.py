@@ -1,0 +1,75 @@
+"""Markdown and CSV tables of a sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from raee.atomic import atomic_write_text
+from raee.report.analysis import add_analysis, sort_runs
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else ""
+    if isinstance(value, (float, np.floating)):
+        return format(float(value), fmt)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(df: pd.DataFrame, columns: dict[str, str] | None = None, formats: dict[str, str] | None = None,
+                   default_fmt: str = ".4f") -> str:
+    """A GitHub Markdown table of ``df``; ``columns`` maps column -> header (and picks/orders them)."""
+    columns = columns or {c: c for c in df.columns}
+    formats = formats or {}
+    lines = ["| " + " | ".join(columns.values()) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(_cell(row.get(c), formats.get(c, default_fmt)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+RESULT_HEADERS = {
+    "dataset": "dataset", "backbone_short": "backbone", "head": "head", "method": "method", "knobs_shown": "knobs",
+    "task_metric": "metric", "task_metric_value": "value", "accuracy": "accuracy", "macro_f1": "macro F1",
+    "spearman": "Spearman", "budget": "fine-tuning budget",
+    "mean_exit_layer": "mean exit layer", "num_layers": "L", "layer_speedup": "layer speed-up",
+    "wall_speedup": "wall speed-up", "sweep_wall_speedup": "sweep wall speed-up", "flops_speedup": "FLOPs speed-up",
+    "retrieval_share": "retrieval share", "num_examples": "n", "pareto": "Pareto", "run_dir": "run",
+}
+RESULT_FORMATS = {"mean_exit_layer": ".2f", "layer_speedup": ".2f", "wall_speedup": ".2f",
+                  "sweep_wall_speedup": ".2f", "flops_speedup": ".2f", "retrieval_share": ".1%"}
+
+
+def results_markdown(df: pd.DataFrame) -> str:
+    """The results table (sorted) as Markdown; knobs shows what varies within a method, else all."""
+    df = sort_runs(df if "speedup" in df.columns else add_analysis(df))
+    df = df.assign(knobs_shown=[v or k for v, k in zip(df["varying_knobs"], df["knobs"].fillna(""))],
+                   backbone_short=[str(b).rstrip("/").split("/")[-1] for b in df["backbone"]])
+    shown = {c: h for c, h in RESULT_HEADERS.items()  # columns only some runs fill: hidden when none does
+             if c not in ("spearman", "budget") or df[c].replace("", np.nan).notna().any()}
+    return markdown_table(df, shown, RESULT_FORMATS)
+
+
+def failed_markdown(failed: pd.DataFrame) -> str:
+    return markdown_table(failed, {"run_dir": "run", "method": "method", "data": "data", "backbone": "backbone",
+                                   "head": "head", "error": "error", "overrides": "overrides"})
+
+
+def csv_ready(df: pd.DataFrame) -> pd.DataFrame:
+    out = df.copy()
+    if "exit_layer_counts" in out.columns:
+        out["exit_layer_counts"] = [json.dumps(v) if isinstance(v, (list, tuple)) else v
+                                    for v in out["exit_layer_counts"]]
+    return out
+
+
+def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    atomic_write_text(path, csv_ready(df).to_csv(index=False))
+    return Path(path)
