@@ -26,7 +26,8 @@ def build(cfg: DictConfig) -> str:
     prepare_head(backbone, head, datamodule, cache_dir=cfg.paths.cache_dir)
     # the same locate-build-save path that exit=raee uses, forced to build
     raee = RaeeExit(instantiate(cfg.key_encoder), instantiate(cfg.retriever), instantiate(cfg.aggregator),
-                    database=cfg.db.dir, fraction=cfg.db.fraction, seed=cfg.db.seed, rebuild=True)
+                    database=cfg.db.dir, fraction=cfg.db.fraction, seed=cfg.db.seed, rebuild=True,
+                    tolerance=cfg.regression_tolerance)
     raee.fit(backbone, head, datamodule, cache_dir=cfg.paths.cache_dir)
     db = raee.db
     directory = db.meta["path"]

@@ -30,11 +30,13 @@ from tqdm.auto import tqdm
 import raee
 from raee.aggregation.base import ExitInfo
 from raee.backbones.base import LayerwiseBackbone
+from raee.exits.simple import within_tolerance
 from raee.features import encode_batch
 from raee.keys import KeyEncoder
 
-#: metadata fields that must match between a database and the run that uses it
-COMPATIBILITY_FIELDS = ("num_layers", "backbone", "head", "key_encoder")
+#: metadata fields that must match between a database and the run that uses it (``tolerance``: None for
+#: classification, the regression tolerance a regression database's "correct" was computed with)
+COMPATIBILITY_FIELDS = ("num_layers", "backbone", "head", "key_encoder", "tolerance")
 
 
 @dataclass
@@ -51,6 +53,12 @@ class ExitDatabase:
 
     def check_compatible(self, expected: dict[str, Any]) -> None:
         """Refuse a database built for another backbone, head, layer count or key encoder."""
+        built, asked = self.meta.get("tolerance"), expected.get("tolerance")
+        if "tolerance" in expected and built != asked and built is not None and asked is not None:
+            raise ValueError(
+                f"exit database {self.meta.get('path', '')} marks a regression prediction correct within tolerance "
+                f"{built}, this run asks for {asked}: rebuild it with regression_tolerance={asked} (python -m "
+                f"raee.build_db regression_tolerance={asked}) or run with regression_tolerance={built}")
         for field in COMPATIBILITY_FIELDS:
             if field in expected and self.meta.get(field) != expected[field]:
                 raise ValueError(
@@ -65,8 +73,8 @@ class ExitDatabase:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            tensors = {"keys": self.keys.float().contiguous(), "labels": self.info.labels.long(),
-                       "preds": self.info.preds.long(), "probs": self.info.probs.float(),
+            tensors = {"keys": self.keys.float().contiguous(), "labels": _stored(self.info.labels),
+                       "preds": _stored(self.info.preds), "probs": self.info.probs.float(),
                        "correct": self.info.correct.to(torch.uint8), "ids": self.ids.long()}
             save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp / "exit_info.safetensors"))
             self.retriever.save(tmp / "index")
@@ -109,6 +117,11 @@ class ExitDatabase:
         return ExitDatabase(keys=self.keys, info=self.info, ids=self.ids, meta=meta, retriever=retriever)
 
 
+def _stored(values: torch.Tensor) -> torch.Tensor:
+    """Class ids as int64, regression values as float32."""
+    return values.float() if values.is_floating_point() else values.long()
+
+
 def describe_retriever(retriever: Any) -> dict[str, Any]:
     cls = type(retriever)
     desc = retriever.describe() if hasattr(retriever, "describe") else {}
@@ -130,10 +143,32 @@ def _content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def setup_description(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder) -> dict[str, Any]:
-    """The fields a database and a run must agree on."""
+def setup_description(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder,
+                      tolerance: float | None = None) -> dict[str, Any]:
+    """The fields a database and a run must agree on; ``tolerance`` only counts for a regression head."""
     return {"backbone": backbone.name, "num_layers": backbone.num_layers, "head": head.describe(),
-            "key_encoder": key_encoder.describe()}
+            "key_encoder": key_encoder.describe(),
+            "tolerance": float(tolerance) if getattr(head, "regression", False) and tolerance is not None else None}
+
+
+def exit_rows(outputs: list[torch.Tensor], labels: torch.Tensor, tolerance: float | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One example's exit information per layer: outputs, the head's (B, C) output at each layer 0..L.
+
+    Classification: preds (B, L+1) the predicted class, probs its softmax probability, correct = pred == label.
+    Regression (``tolerance`` given, C = 1): preds the predicted values, correct = |pred - label| <= tolerance,
+    probs its closeness 1 - |pred - label| / tolerance (1 = exact, 0 at the tolerance or beyond), which the
+    aggregation rules read like a probability.
+    """
+    if tolerance is None:
+        layer_probs = torch.stack([torch.softmax(o.float(), -1) for o in outputs], dim=1).cpu()  # (B, L+1, C)
+        probs, preds = layer_probs.max(-1)
+        return preds, probs, preds == labels.long().cpu().unsqueeze(1)
+    values = torch.stack([o[:, 0].float() for o in outputs], dim=1).cpu()  # (B, L+1)
+    targets = labels.float().cpu().unsqueeze(1)
+    correct = within_tolerance(values, targets, tolerance)
+    closeness = (1.0 - (values - targets).abs() / tolerance).clamp(min=0.0) if tolerance > 0 else correct.float()
+    return values, closeness, correct
 
 
 def select_fraction(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -148,15 +183,21 @@ def select_fraction(n: int, fraction: float, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def build_database(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, retriever: Any,
-                   datamodule: Any, *, fraction: float = 1.0, seed: int = 42, progress: bool = True) -> ExitDatabase:
+                   datamodule: Any, *, fraction: float = 1.0, seed: int = 42, progress: bool = True,
+                   tolerance: float | None = None) -> ExitDatabase:
     """One pass of the backbone over (a fraction of) the training split, batch by batch.
 
-    Per example it keeps the key and, for every layer 0..L, the prediction and its probability;
-    hidden states are dropped after each batch, so memory stays at one batch of states.
+    Per example it keeps the key and, for every layer 0..L, the prediction and its probability
+    (:func:`exit_rows`); hidden states are dropped after each batch, so memory stays at one batch of
+    states. A regression head needs ``tolerance`` (stored in the metadata and checked on use).
     """
+    regression = bool(getattr(head, "regression", False))
+    if regression and (tolerance is None or not tolerance >= 0):
+        raise ValueError(f"a regression exit database needs a tolerance >= 0 (got {tolerance}): a layer counts as "
+                         "correct when |prediction - target| <= tolerance; set regression_tolerance")
     n_train = len(datamodule.split("train"))
     chosen = torch.from_numpy(select_fraction(n_train, fraction, seed))
-    keys, labels, preds, probs, ids = [], [], [], [], []
+    keys, labels, preds, probs, correct, ids = [], [], [], [], [], []
     loader = datamodule.train_dataloader()
     started = time.perf_counter()
     for batch in tqdm(loader, desc="exit database", disable=not progress, leave=False):
@@ -167,18 +208,18 @@ def build_database(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncod
         enc = encode_batch(backbone, head, batch)
         states = backbone.all_layers(**enc)
         keys.append(key_encoder.encode(states[key_encoder.plan_layer], list(batch["text"])).cpu())
-        layer_probs = torch.stack([torch.softmax(head(s).float(), -1) for s in states], dim=1).cpu()  # (B, L+1, C)
-        p, c = layer_probs.max(-1)
-        preds.append(c)
-        probs.append(p)
-        labels.append(batch["label"].long().cpu())
+        p, c, ok = exit_rows([head(s) for s in states], batch["label"], tolerance if regression else None)
+        preds.append(p)
+        probs.append(c)
+        correct.append(ok)
+        labels.append(batch["label"].cpu() if regression else batch["label"].long().cpu())
         ids.append(batch["index"].long().cpu())
     if not keys:
         raise ValueError("no training example was selected for the exit database (empty training split?)")
     keys_t, labels_t, preds_t = torch.cat(keys), torch.cat(labels), torch.cat(preds)
-    info = ExitInfo(preds=preds_t, probs=torch.cat(probs), correct=preds_t == labels_t.unsqueeze(1), labels=labels_t)
+    info = ExitInfo(preds=preds_t, probs=torch.cat(probs), correct=torch.cat(correct), labels=labels_t)
     retriever.add(keys_t.numpy().astype(np.float32))
-    meta = setup_description(backbone, head, key_encoder) | {
+    meta = setup_description(backbone, head, key_encoder, tolerance) | {
         "retriever": describe_retriever(retriever),
         "dataset": getattr(datamodule, "name", None), "split": "train", "fraction": fraction, "seed": seed,
         "count": int(keys_t.shape[0]), "train_size": n_train, "key_dim": int(keys_t.shape[1]),

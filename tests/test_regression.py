@@ -48,7 +48,7 @@ def regression_overrides(tmp_path) -> list[str]:
 def test_regression_runs_end_to_end_and_reports_pearson(tmp_path):
     base = regression_overrides(tmp_path) + ["head=linear", "head.max_epochs=2"]
     for exit_args in (["exit=full"], ["exit=patience", "exit.patience=1", "exit.regression_threshold=0.5"],
-                      ["exit=hashee", "exit.max_epochs=1", "exit.hash=random_occurrence"]):
+                      ["exit=raee", "exit.k=4"], ["exit=hashee", "exit.max_epochs=1", "exit.hash=random_occurrence"]):
         out = tmp_path / exit_args[0]
         summary = run_job(compose_cfg(base + exit_args), str(out), multirun=False)
         assert summary["task_metric"] == "pearson" and summary["accuracy"] is None
@@ -123,3 +123,25 @@ def test_regression_metrics_match_numpy_and_scipy_definitions():
     assert m["mse"] == pytest.approx(float(((preds - target) ** 2).mean()), abs=1e-6)
     assert task_metrics(torch.ones(4), target[:4], 1, regression=True)["pearson"] is None  # constant: undefined
     json.dumps(m)  # plain floats, JSON-ready
+
+
+def test_regression_database_stores_its_tolerance_and_refuses_another(tmp_path):
+    from raee.build_db import build
+
+    db_dir = tmp_path / "db"
+    base = regression_overrides(tmp_path) + ["head=linear", "head.max_epochs=1", f"db.dir={db_dir}"]
+    build(compose_cfg(base))
+    meta = json.loads((db_dir / "meta.json").read_text())
+    assert meta["tolerance"] == 0.75 and meta["head"]["task"] == "regression"
+    from raee.database import ExitDatabase
+
+    db = ExitDatabase.load(db_dir)
+    assert db.info.preds.is_floating_point() and db.info.labels.is_floating_point()
+    error = (db.info.preds - db.info.labels.unsqueeze(1)).abs()
+    assert torch.equal(db.info.correct, error <= 0.75)  # "correct" is within the stored tolerance
+    assert ((db.info.probs >= 0) & (db.info.probs <= 1)).all()
+    summary = run_job(compose_cfg(base + ["exit=raee"]), str(tmp_path / "same"), multirun=False)
+    assert summary["method"] == "raee" and summary["pearson"] is not None
+    with pytest.raises(ValueError, match=r"within tolerance 0.75, this run asks for 0.3"):
+        run_job(compose_cfg(base + ["exit=raee", "regression_tolerance=0.3"]), str(tmp_path / "other"),
+                multirun=False)

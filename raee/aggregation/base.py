@@ -15,10 +15,10 @@ import torch
 class ExitInfo:
     """Exit information of the N database examples (L+1 layers, 0 = embeddings)."""
 
-    preds: torch.Tensor  # (N, L+1) long: predicted class at each layer
-    probs: torch.Tensor  # (N, L+1) float: probability of that prediction (max softmax probability)
-    correct: torch.Tensor  # (N, L+1) bool: prediction == label
-    labels: torch.Tensor  # (N,) long
+    preds: torch.Tensor  # (N, L+1) long: predicted class at each layer (float: predicted value, regression)
+    probs: torch.Tensor  # (N, L+1) float: probability of that prediction (regression: 1 - |error| / tolerance)
+    correct: torch.Tensor  # (N, L+1) bool: prediction == label (regression: |error| <= tolerance)
+    labels: torch.Tensor  # (N,) long (float targets for regression)
 
     def __post_init__(self) -> None:
         shape = tuple(self.correct.shape)

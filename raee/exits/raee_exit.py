@@ -20,10 +20,14 @@ from raee.exits.base import BatchContext, PlannedExit
 
 
 class RaeeExit(PlannedExit):
+    """tolerance: on a regression task, a layer counts as correct for a database example when its
+    prediction is within ``tolerance`` of the target (stored in the database, checked on use)."""
+
     name = "raee"
+    supports_regression = True
 
     def __init__(self, key_encoder: Any, retriever: Any, aggregator: Any, k: int = 12, database: str | None = None,
-                 fraction: float = 1.0, seed: int = 42, rebuild: bool = False) -> None:
+                 fraction: float = 1.0, seed: int = 42, rebuild: bool = False, tolerance: float = 0.5) -> None:
         if k < 1:
             raise ValueError(f"exit.k={k} must be at least 1 (number of neighbours retrieved)")
         self.key_encoder = key_encoder
@@ -34,6 +38,7 @@ class RaeeExit(PlannedExit):
         self.fraction = float(fraction)
         self.seed = int(seed)
         self.rebuild = bool(rebuild)
+        self.tolerance = float(tolerance)
         self.plan_layer = key_encoder.plan_layer
         self.db = None
         self.last: dict[str, torch.Tensor] = {}  # neighbours and distribution of the last batch (notebooks)
@@ -55,7 +60,7 @@ class RaeeExit(PlannedExit):
         from raee.database import setup_description
         from raee.experiment import data_description, fingerprint
 
-        key = fingerprint(setup_description(backbone, head, self.key_encoder)
+        key = fingerprint(setup_description(backbone, head, self.key_encoder, self.tolerance)
                           | {"data": data_description(datamodule), "fraction": self.fraction, "seed": self.seed})
         return Path(cache_dir or "artifacts/cache") / "db" / key
 
@@ -66,7 +71,7 @@ class RaeeExit(PlannedExit):
 
         directory = Path(self.database_dir) if self.database_dir else self.default_database_dir(
             backbone, head, datamodule, cache_dir)
-        expected = setup_description(backbone, head, self.key_encoder)
+        expected = setup_description(backbone, head, self.key_encoder, self.tolerance)
         if (directory / "meta.json").exists() and not self.rebuild:
             db = ExitDatabase.load(directory)
             db.check_compatible(expected)
@@ -77,7 +82,7 @@ class RaeeExit(PlannedExit):
                                     f"db.dir={directory}` or leave exit.database=null to build one automatically")
         else:
             db = build_database(backbone, head, self.key_encoder, self.retriever, datamodule,
-                                fraction=self.fraction, seed=self.seed, progress=progress)
+                                fraction=self.fraction, seed=self.seed, progress=progress, tolerance=self.tolerance)
             db.save(directory)
         self.use_database(db)
 
@@ -91,7 +96,7 @@ class RaeeExit(PlannedExit):
             raise RuntimeError("RAEE has no exit database: call fit() (run_experiment does) or use_database()")
         from raee.database import setup_description
 
-        self.db.check_compatible(setup_description(backbone, head, self.key_encoder))
+        self.db.check_compatible(setup_description(backbone, head, self.key_encoder, self.tolerance))
         if self.k > self.db.size:
             warnings.warn(f"exit.k={self.k} is larger than the exit database ({self.db.size} examples); "
                           f"using k={self.db.size}", stacklevel=2)

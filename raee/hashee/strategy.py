@@ -70,6 +70,8 @@ class HashEEExit(PlannedExit):
         self.loaded = False  # True when the last fit reloaded a checkpoint instead of training
         self.train_steps = 0  # optimiser steps of the last fine-tune (also read back from a checkpoint)
         self._device_map: torch.Tensor | None = None
+        self._exits_for: torch.Tensor | None = None  # the input_ids whose exit layers are in _exits
+        self._exits: torch.Tensor | None = None
         self.reset_flops()
 
     # ------------------------------------------------------------------ settings
@@ -161,13 +163,13 @@ class HashEEExit(PlannedExit):
         if token_to_layer.dim() != 1 or token_to_layer.numel() == 0 or int(token_to_layer.min()) < 1:
             raise ValueError("token_to_layer must be a non-empty (vocab_size,) tensor of exit layers >= 1")
         self.token_to_layer = token_to_layer
-        self._device_map = None
+        self._device_map = self._exits_for = None
         self.ready = True
 
     def use_occurrence_hash(self, special_ids: list[int]) -> None:
         """Assign layers per token occurrence (hash=random_occurrence); ``special_ids`` never exit early."""
         self.token_to_layer = None
-        self._device_map = None
+        self._device_map = self._exits_for = None
         self.special_ids = [int(i) for i in special_ids]
         self.ready = True
 
@@ -317,8 +319,11 @@ class HashEEExit(PlannedExit):
         return torch.full((state.batch_size,), ctx.num_layers, dtype=torch.long, device=state.hidden.device)
 
     def token_exits(self, state: LayerState) -> torch.Tensor:
-        """(B, T) exit layer of every token of ``state``."""
-        return self.assign(state.input_ids, state.attention_mask)
+        """(B, T) exit layer of every token of ``state``; computed once per batch (the layers of one batch
+        share its input_ids tensor)."""
+        if self._exits_for is not state.input_ids:
+            self._exits_for, self._exits = state.input_ids, self.assign(state.input_ids, state.attention_mask)
+        return self._exits
 
     def run_layer(self, backbone: LayerwiseBackbone, state: LayerState) -> LayerState:
         def token_level(layer: int, state: LayerState) -> torch.Tensor:
