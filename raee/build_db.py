@@ -40,7 +40,8 @@ def build(cfg: DictConfig) -> str:
         return append(cfg, backbone, head, key_encoder, datamodule)
     # the same locate-build-save path that exit=raee uses, forced to build
     raee = RaeeExit(key_encoder, instantiate(cfg.retriever), instantiate(cfg.aggregator), database=cfg.db.dir,
-                    fraction=cfg.db.fraction, seed=cfg.db.seed, rebuild=True, keep_keys=cfg.db.keep_keys)
+                    fraction=cfg.db.fraction, seed=cfg.db.seed, rebuild=True, keep_keys=cfg.db.keep_keys,
+                    tolerance=cfg.regression_tolerance)
     raee.fit(backbone, head, datamodule, cache_dir=cfg.paths.cache_dir)
     report(raee.db, backbone)
     return str(raee.db.meta["path"])

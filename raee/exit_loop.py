@@ -19,10 +19,10 @@ from raee.exits.base import BatchContext, DynamicExit, ExitStrategy, PlannedExit
 class ExitResult:
     """Per-example outcome of one batch (all tensors (B,) on CPU, batch order)."""
 
-    predictions: torch.Tensor
+    predictions: torch.Tensor  # class ids (long); for a regression head the predicted values (float)
     exit_layers: torch.Tensor
-    confidences: torch.Tensor  # softmax probability of the predicted class at the exit layer
-    logits: torch.Tensor  # (B, C) logits at the exit layer
+    confidences: torch.Tensor  # softmax probability of the predicted class at the exit layer (NaN for regression)
+    logits: torch.Tensor  # (B, C) logits at the exit layer ((B, 1) outputs for regression)
 
 
 @torch.no_grad()
@@ -83,8 +83,10 @@ def run_early_exit(backbone: LayerwiseBackbone, head: torch.nn.Module, strategy:
         if leaving.any():
             state, active = backbone.select(state, ~leaving), active[~leaving]
 
-    probs = torch.softmax(logits_out.float(), dim=-1)
-    confidences, predictions = probs.max(-1)
+    if getattr(head, "regression", False):  # one real output: the prediction itself, no class confidence
+        predictions, confidences = logits_out[:, 0].clone(), torch.full((B,), float("nan"))
+    else:
+        confidences, predictions = torch.softmax(logits_out.float(), dim=-1).max(-1)
     return ExitResult(predictions=predictions, exit_layers=exit_layers, confidences=confidences, logits=logits_out)
 
 

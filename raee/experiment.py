@@ -22,6 +22,7 @@ import torch
 import raee
 from raee.atomic import atomic_write_text
 from raee.backbones.base import LayerwiseBackbone
+from raee.cache import load_or_build
 from raee.exits.base import ExitStrategy
 from raee.exits.simple import FullModel, OracleExit
 from raee.heads.base import Head
@@ -41,6 +42,11 @@ def data_description(datamodule: Any) -> dict[str, Any]:
     train = datamodule.split("train")
     return {"name": getattr(datamodule, "name", type(datamodule).__name__), "seed": getattr(datamodule, "seed", None),
             "train_size": len(train), "label_names": list(datamodule.label_names)}
+
+
+def task_type(datamodule: Any) -> str:
+    """"regression" for a data module with real-valued targets, else "classification"."""
+    return "regression" if getattr(datamodule, "is_regression", False) else "classification"
 
 
 def head_settings(head: Head) -> dict[str, Any]:
@@ -71,18 +77,23 @@ def _check_head_files(directory: Path) -> None:
 
 
 def prepare_head(backbone: LayerwiseBackbone, head: Head, datamodule: Any, cache_dir: str | Path | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, fit: bool = True) -> None:
     """Bind ``head`` to the backbone and fit it on the training split, once.
 
     The fit is saved to ``head.checkpoint`` when the head has one (a directory the user names: reloaded
     when it exists, refused when it does not load), else to ``cache_dir/heads/<content hash>`` (an
     automatic entry: rebuilt with a warning when damaged). Parallel jobs that need the same head wait
     for the one that fits it (:func:`raee.cache.load_or_build`); with neither, the head is fitted in memory.
+
+    fit=False only binds (a strategy that trains the head itself, HashEE). A regression task binds
+    one output named "value"; heads that cannot regress refuse it here.
     """
     from raee.cache import load_or_build
 
-    head.bind(backbone, list(datamodule.label_names))
-    if not head.needs_fit:
+    task = task_type(datamodule)
+    head.use_task(task)
+    head.bind(backbone, list(datamodule.label_names) or (["value"] if task == "regression" else []))
+    if not head.needs_fit or not fit:
         return
     checkpoint = getattr(head, "checkpoint", None)
     if checkpoint:
@@ -155,19 +166,33 @@ def build_summary(results: dict[str, Any], strategy: ExitStrategy, backbone: Lay
         "num_examples": results["num_examples"], "seed": seed, "task_metric": task_metric,
         "task_metric_value": results.get(task_metric),
         "accuracy": results.get("accuracy"), "macro_f1": results.get("macro_f1"), "mcc": results.get("mcc"),
+        "pearson": results.get("pearson"), "spearman": results.get("spearman"), "mse": results.get("mse"),
         "mean_exit_layer": results["mean_exit_layer"], "layer_speedup": results["layer_speedup"],
         "layers_saved": results["layers_saved"], "flops_speedup": results.get("flops_speedup"),
         "wall_time_s": results["wall_time_s"], "throughput": results["throughput"],
         "full_wall_time_s": full_time,
         "wall_speedup": full_time / results["wall_time_s"] if full_time and results["wall_time_s"] else None,
         "full_accuracy": full.get("accuracy") if full else None,
+        "full_task_metric_value": full.get(task_metric) if full else None,
         "oracle_accuracy": oracle.get("accuracy") if oracle else None,
+        "oracle_task_metric_value": oracle.get(task_metric) if oracle else None,
         "oracle_mean_exit_layer": oracle.get("mean_exit_layer") if oracle else None,
+        "budget": training_budget(strategy, head),
         "retrieval_time_s": results["retrieval_time_s"], "retrieval_share": results["retrieval_share"],
         "timings": results.get("timings", {}), "exit_layer_counts": results["exit_layer_counts"],
         "status": "ok", "version": raee.__version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+
+
+def training_budget(strategy: ExitStrategy, head: Head) -> dict[str, Any] | None:
+    """How the weights a run evaluates were fine-tuned (epochs, steps, learning rates, seed): the
+    strategy's own fine-tune (HashEE) or the head's joint fine-tune (PABEE); None for a frozen backbone."""
+    for owner in (strategy, head):
+        budget = getattr(owner, "budget", None)
+        if callable(budget) and budget() is not None:
+            return budget()
+    return None
 
 
 def write_outputs(output_dir: str | Path, summary: dict[str, Any], columns: dict[str, torch.Tensor]) -> None:
@@ -190,6 +215,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"method={summary['method']} {summary['knobs']}  backbone={summary['backbone']}  head={summary['head']}  "
         f"data={summary['dataset']} ({summary['num_examples']} examples)",
+        (f"  {summary['task_metric']}: {f(summary['task_metric_value'])}   (full model: "
+         f"{f(summary.get('full_task_metric_value'))}, oracle: {f(summary.get('oracle_task_metric_value'))} at mean "
+         f"layer {f(summary.get('oracle_mean_exit_layer'), '.2f')})   mse: {f(summary.get('mse'))}")
+        if summary.get("accuracy") is None else
         (f"  {summary['task_metric']}: {f(summary['task_metric_value'])}" if summary["task_metric"] != "accuracy" else "")
         + f"  accuracy: {f(summary['accuracy'])}"
         f"   (full model: {f(summary['full_accuracy'])}, oracle: {f(summary.get('oracle_accuracy'))} at mean layer "
@@ -202,6 +231,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  retrieval: {f(summary['retrieval_time_s'], '.3f')} s ({f((summary['retrieval_share'] or 0) * 100, '.1f')}% "
         f"of wall-clock)   exits per layer: {summary['exit_layer_counts']}",
     ]
+    if summary.get("budget"):
+        b = summary["budget"]
+        lines.append(f"  fine-tuned by {b['by']}: {b['epochs']} epochs, {b['steps']} steps, lr {b['lr']:g} "
+                     f"(classifier {b['head_lr']:g}), seed {b['seed']}")
     return "\n".join(lines)
 
 
@@ -210,21 +243,25 @@ def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrate
                    compare_oracle: bool = False, cache_dir: str | Path | None = "artifacts/cache",
                    trainer_kwargs: dict[str, Any] | None = None,
                    logger: Any = None, warmup_batches: int = 1, progress: bool = True,
-                   split: str = "test") -> dict[str, Any]:
+                   split: str = "test", regression_tolerance: float = 0.5) -> dict[str, Any]:
     """Everything one run does on the ``split`` (test; validation when choosing knobs); returns the summary
-    (also written to ``output_dir``)."""
+    (also written to ``output_dir``). regression_tolerance: the oracle's "correct" on a regression task
+    (|prediction - target| <= it)."""
     check_split(split)
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule.setup("test")
     strategy.validate(backbone.num_layers)  # fail on bad knobs before any expensive work
-    prepare_head(backbone, head, datamodule, cache_dir=cache_dir, progress=progress)
+    strategy.check_task(task_type(datamodule) == "regression")
+    prepare_head(backbone, head, datamodule, cache_dir=cache_dir, progress=progress,
+                 fit=not getattr(strategy, "trains_head", False))
     strategy.fit(backbone, head, datamodule, cache_dir=cache_dir, progress=progress)
     full = None
     if compare_full and not isinstance(strategy, FullModel):
         full, _ = evaluate(backbone, head, FullModel(), datamodule, trainer_kwargs, None, warmup_batches, split)
     oracle = None
     if compare_oracle and not isinstance(strategy, OracleExit):
-        oracle, _ = evaluate(backbone, head, OracleExit(), datamodule, trainer_kwargs, None, warmup_batches, split)
+        oracle, _ = evaluate(backbone, head, OracleExit(regression_tolerance), datamodule, trainer_kwargs, None,
+                             warmup_batches, split)
     results, columns = evaluate(backbone, head, strategy, datamodule, trainer_kwargs, logger, warmup_batches, split)
     if isinstance(strategy, FullModel):
         full = results

@@ -5,11 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torchmetrics.functional import mean_absolute_error, mean_squared_error, pearson_corrcoef, spearman_corrcoef
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score, multiclass_matthews_corrcoef
 
 
-def task_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """Accuracy, macro-F1 and Matthews correlation of (N,) predictions against (N,) labels."""
+def task_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 regression: bool = False) -> dict[str, float | None]:
+    """Classification: accuracy, macro-F1 and Matthews correlation of (N,) class predictions.
+    Regression: Pearson and Spearman correlation, MSE and MAE of (N,) real predictions."""
+    if regression:
+        preds, target = predictions.double(), labels.double()
+        constant = preds.numel() < 2 or bool(preds.std() == 0) or bool(target.std() == 0)
+        return {  # a correlation with a constant series is undefined: None, not NaN
+            "pearson": None if constant else float(pearson_corrcoef(preds, target)),
+            "spearman": None if constant else float(spearman_corrcoef(preds, target)),
+            "mse": float(mean_squared_error(preds, target)), "mae": float(mean_absolute_error(preds, target)),
+        }
     preds, target = predictions.long(), labels.long()
     if num_classes < 2:
         return {"accuracy": float((preds == target).float().mean()), "macro_f1": None, "mcc": None}

@@ -81,7 +81,8 @@ class EarlyExitModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         stats = self.results()
-        for key in ("accuracy", "macro_f1", "mcc", "mean_exit_layer", "wall_time_s", "throughput"):
+        for key in ("accuracy", "macro_f1", "mcc", "pearson", "spearman", "mse", "mean_exit_layer", "wall_time_s",
+                    "throughput"):
             if stats.get(key) is not None:
                 self.log(f"test/{key}", float(stats[key]), sync_dist=False)
 
@@ -99,7 +100,8 @@ class EarlyExitModule(L.LightningModule):
         cols = self.predictions()
         n = int(cols["index"].numel())
         out: dict[str, Any] = {"num_examples": n}
-        out.update(task_metrics(cols["prediction"], cols["label"], self.head.num_classes))
+        out.update(task_metrics(cols["prediction"], cols["label"], self.head.num_classes,
+                                regression=getattr(self.head, "regression", False)))
         out.update(exit_statistics(cols["exit_layer"], self.backbone.num_layers))
         retrieval = sum(v for k, v in self.timings.items() if k.startswith("retrieval"))
         out.update({"wall_time_s": self.wall_time_s, "throughput": n / self.wall_time_s if self.wall_time_s else None,

@@ -13,8 +13,9 @@ from raee.backbones.base import LayerState
 from raee.exit_loop import run_early_exit
 from raee.exits import BatchContext
 from raee.hashee import (HashEEExit, cluster_hash, count_token_labels, count_tokens, forward_with_token_exits,
-                         frequency_hash, mutual_information_hash, random_hash, run_token_exit_layer,
-                         token_exit_flops, token_exit_macs)
+                         frequency_hash, mutual_information_hash, occurrence_random_layers, random_hash,
+                         run_token_exit_layer, token_exit_flops, token_exit_macs)
+from raee.hashee.token_layer import layer_parts
 from raee.heads import LinearHead, PrototypeHead
 from tests.conftest import TEXTS, toy_datamodule
 
@@ -47,6 +48,27 @@ def test_random_hash_depends_on_seed_and_balances_layers():
     a, b = random_hash(1000, 5, seed=1), random_hash(1000, 5, seed=2)
     assert not torch.equal(a, b)
     assert torch.bincount(a, minlength=6)[1:].tolist() == [200] * 5
+
+
+def test_occurrence_hash_is_seeded_and_differs_per_occurrence():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 500, (8, 40), generator=g)
+    ids[:, 5] = 77  # one type at one position in every text, and ids[0] repeats it along the text
+    ids[0, 10:30] = 77
+    ids[:, 0] = 3  # a special token ([CLS]) first
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0  # padding
+    first = occurrence_random_layers(ids, mask, 6, seed=1, special_ids=[3])
+    assert torch.equal(first, occurrence_random_layers(ids, mask, 6, seed=1, special_ids=[3]))  # seeded
+    assert not torch.equal(first, occurrence_random_layers(ids, mask, 6, seed=2, special_ids=[3]))
+    assert first.min() >= 1 and first.max() <= 6 and (first[:, 0] == 6).all() and (first[1, 30:] == 6).all()
+    assert len(set(first[0, 10:30].tolist())) >= 4, "one type must get different layers at different positions"
+    assert len(set(first[:, 5].tolist())) >= 3, "one type at one position must differ between texts"
+    real = first[mask.bool() & (ids != 3)]
+    assert set(real.tolist()) == {1, 2, 3, 4, 5, 6}
+    # a text's layers do not depend on its batch: alone, unpadded, it gets the same assignment
+    alone = occurrence_random_layers(ids[1:2, :30], mask[1:2, :30], 6, seed=1, special_ids=[3])
+    assert torch.equal(alone[0], first[1, :30])
 
 
 def test_frequency_hash_most_frequent_first_unseen_and_special_last():
@@ -142,6 +164,42 @@ def test_exited_token_is_frozen_while_cls_keeps_changing(tiny_bert):
     assert all(torch.equal(hidden[l][0, match], hidden[1][0, match]) for l in range(2, L + 1))
     assert not torch.allclose(hidden[2][0, draw], hidden[1][0, draw])  # exit layer 2: still updated by layer 2
     assert all(torch.equal(hidden[l][0, draw], hidden[2][0, draw]) for l in range(3, L + 1))
+
+
+def test_exited_tokens_are_never_computed_nor_changed(tiny_bert):
+    """Count the rows each layer's query and feed-forward projections see: exactly the active tokens;
+    and an exited token's state stays bitwise equal to its state at its exit layer."""
+    enc = tiny_bert.tokenize(TEXTS)
+    token_to_layer = random_hash(tiny_bert.model.get_input_embeddings().num_embeddings, tiny_bert.num_layers,
+                                 seed=4, special_ids=tiny_bert.tokenizer.all_special_ids)
+    rows: dict[tuple[int, str], int] = {}
+    handles = []
+    for layer, module in enumerate(tiny_bert.layer_modules(), start=1):
+        parts = layer_parts(module)
+        for name, linear in (("query", parts.query), ("ffn", parts.ffn_in)):
+            def count(mod, args, out, key=(layer, name)):
+                rows[key] = rows.get(key, 0) + args[0].shape[0]
+            handles.append(linear.register_forward_hook(count))
+    try:
+        state = tiny_bert.embed(**enc)
+        exits = token_to_layer[state.input_ids]
+        real = state.attention_mask.bool()
+        states = [state.hidden]
+        for layer in range(1, tiny_bert.num_layers + 1):
+            state = LayerState(run_token_exit_layer(tiny_bert, layer, state, exits), state.attention_mask,
+                               state.input_ids, layer)
+            states.append(state.hidden)
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in range(1, tiny_bert.num_layers + 1):
+        active = int((real & (exits >= layer)).sum())
+        assert rows[(layer, "query")] == rows[(layer, "ffn")] == active, f"layer {layer} computed exited tokens"
+    assert rows[(tiny_bert.num_layers, "query")] < int(real.sum())  # exits did remove work
+    for b, t in torch.nonzero(real).tolist():
+        e = int(exits[b, t])
+        for later in range(e + 1, tiny_bert.num_layers + 1):
+            assert torch.equal(states[later][b, t], states[e][b, t]), f"token ({b}, {t}) changed after its exit"
 
 
 def test_padding_does_not_change_results(tiny_bert):

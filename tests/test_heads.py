@@ -163,3 +163,23 @@ def test_pabee_joint_training_updates_and_restores_the_backbone(tmp_path):
     prepare_head(fresh, reloaded, dm, progress=False)
     for k, v in bb.model.state_dict().items():
         torch.testing.assert_close(fresh.model.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("change", [dict(lr=2e-3), dict(max_epochs=4), dict(seed=7), dict(backbone_lr=3e-5),
+                                    dict(warmup=0.2), dict(weight_decay=0.0), dict(dropout=0.2),
+                                    dict(gradient_clip_val=None), dict(pooling="cls")])
+def test_every_training_setting_changes_the_caches_keyed_on_the_head(tiny_bert, tmp_path, change):
+    """A fitted head, and a RAEE database built with it, are cached under keys from head.describe():
+    a change of any fine-tuning setting must give new keys, never reuse a stale head or database."""
+    from raee.exits import RaeeExit
+    from raee.experiment import head_cache_key
+    from raee.keys import BackboneKeys
+
+    dm = toy_datamodule(6)
+    heads = [LinearHead(finetune_backbone=True), LinearHead(finetune_backbone=True, **change)]
+    for head in heads:
+        head.bind(tiny_bert, dm.label_names)
+    assert heads[0].describe() != heads[1].describe()
+    assert len({head_cache_key(tiny_bert, h, dm) for h in heads}) == 2
+    raee = RaeeExit(BackboneKeys(), retriever=None, aggregator=None)
+    assert len({raee.default_database_dir(tiny_bert, h, dm, tmp_path) for h in heads}) == 2

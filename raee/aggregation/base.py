@@ -26,10 +26,10 @@ class ExitInfo:
     ``info.correct[rows]`` is a torch tensor either way (bool / float32 / int64 as below).
     """
 
-    preds: Table  # (N, L+1) long: predicted class at each layer
-    probs: Table  # (N, L+1) float: probability of that prediction (max softmax probability; float16 on disk)
-    correct: Table  # (N, L+1) bool: prediction == label
-    labels: Table  # (N,) long
+    preds: Table  # (N, L+1) long: predicted class at each layer (float: predicted value, regression)
+    probs: Table  # (N, L+1) float: probability of that prediction (float16 on disk; regression: 1 - |error| / tolerance)
+    correct: Table  # (N, L+1) bool: prediction == label (regression: |error| <= tolerance)
+    labels: Table  # (N,) long (float targets for regression)
 
     def __post_init__(self) -> None:
         shape = tuple(self.correct.shape)

@@ -16,7 +16,7 @@ from raee.data.sources import PACKAGED_SOURCES, SPLITS, RawData, load_bbcnews, l
 from raee.data.splitting import check_fraction, fraction_size, partition, subsample
 
 SOURCES = ("bbcnews", *PACKAGED_SOURCES, "local", "hf")
-TASK_METRICS = {"classification": ("accuracy", "macro_f1", "mcc"), "regression": ("pearson",)}
+TASK_METRICS = {"classification": ("accuracy", "macro_f1", "mcc"), "regression": ("pearson", "spearman")}
 
 
 def _plain(value: Any) -> Any:
@@ -53,7 +53,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         stratify: keep class proportions in carved splits and subsamples.
         num_workers: DataLoader worker processes.
         name: dataset name for reports (default: the source / file name).
-        task_metric: "accuracy" | "macro_f1" | "mcc" (classification) | "pearson" (regression);
+        task_metric: "accuracy" | "macro_f1" | "mcc" (classification) | "pearson" | "spearman" (regression);
             default: accuracy, or pearson for regression.
         prompt: the dataset's default prompts for zero-shot prompt heads, per kind of language model
             ({"mlm": {"template", "label_words"}, "causal": {...}}); carried for head=prompt, unused here.

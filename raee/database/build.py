@@ -29,6 +29,7 @@ from raee.backbones.base import LayerwiseBackbone
 from raee.database import store
 from raee.database.exit_db import (FORMAT_VERSION, INDEX_DIR, META_FILE, ExitDatabase, describe_retriever,
                                    retriever_class, setup_description)
+from raee.exits.simple import within_tolerance
 from raee.features import encode_batch
 from raee.keys import KeyEncoder
 
@@ -58,20 +59,48 @@ def select_fraction(n: int, fraction: float, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def exit_rows(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder,
-              batch: dict[str, Any]) -> dict[str, np.ndarray]:
+def exit_rows(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, batch: dict[str, Any],
+              tolerance: float | None = None) -> dict[str, np.ndarray]:
     """One batch through every layer -> its database rows: keys (B, D), labels (B,), ids (B,) and, per
-    layer 0..L, preds (B, L+1) (the head's prediction), probs (B, L+1) (its probability) and correct
-    (B, L+1) (prediction == label). Hidden states are dropped on return."""
+    layer 0..L, preds (B, L+1), probs (B, L+1) and correct (B, L+1) (:func:`layer_rows`). Hidden
+    states are dropped on return."""
     enc = encode_batch(backbone, head, batch)
     states = backbone.all_layers(**enc)
     keys = key_encoder.encode(states[key_encoder.plan_layer], list(batch["text"]))
-    layer_probs = torch.stack([torch.softmax(head(s).float(), -1) for s in states], dim=1).cpu()  # (B, L+1, C)
-    probs, preds = layer_probs.max(-1)
-    labels = batch["label"].cpu()
-    return {"keys": keys.float().cpu().numpy(), "labels": labels.numpy(), "preds": preds.numpy(),
-            "probs": probs.numpy(), "correct": (preds == labels.long().unsqueeze(1)).numpy(),
-            "ids": batch["index"].long().cpu().numpy()}
+    preds, probs, correct = layer_rows([head(s) for s in states], batch["label"], tolerance)
+    return {"keys": keys.float().cpu().numpy(), "labels": batch["label"].cpu().numpy(), "preds": preds.numpy(),
+            "probs": probs.numpy(), "correct": correct.numpy(), "ids": batch["index"].long().cpu().numpy()}
+
+
+def layer_rows(outputs: list[torch.Tensor], labels: torch.Tensor, tolerance: float | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exit information per layer from the head's (B, C) output at each layer 0..L.
+
+    Classification: preds (B, L+1) the predicted class, probs its softmax probability, correct = pred == label.
+    Regression (``tolerance`` given, C = 1): preds the predicted values, correct = |pred - label| <= tolerance,
+    probs its closeness 1 - |pred - label| / tolerance (1 = exact, 0 at the tolerance or beyond), which the
+    aggregation rules read like a probability.
+    """
+    if tolerance is None:
+        layer_probs = torch.stack([torch.softmax(o.float(), -1) for o in outputs], dim=1).cpu()  # (B, L+1, C)
+        probs, preds = layer_probs.max(-1)
+        return preds, probs, preds == labels.long().cpu().unsqueeze(1)
+    values = torch.stack([o[:, 0].float() for o in outputs], dim=1).cpu()  # (B, L+1)
+    targets = labels.float().cpu().unsqueeze(1)
+    correct = within_tolerance(values, targets, tolerance)
+    closeness = (1.0 - (values - targets).abs() / tolerance).clamp(min=0.0) if tolerance > 0 else correct.float()
+    return values, closeness, correct
+
+
+def regression_tolerance(head: Any, tolerance: float | None) -> float | None:
+    """The tolerance a database built with ``head`` uses: None for classification; for a regression head
+    the given one, refused unless >= 0."""
+    if not getattr(head, "regression", False):
+        return None
+    if tolerance is None or not tolerance >= 0:
+        raise ValueError(f"a regression exit database needs a tolerance >= 0 (got {tolerance}): a layer counts as "
+                         "correct when |prediction - target| <= tolerance; set regression_tolerance")
+    return float(tolerance)
 
 
 def fill_index(retriever: Any, key_files: list[Path], counts: list[int], *, seed: int,
@@ -93,15 +122,18 @@ def fill_index(retriever: Any, key_files: list[Path], counts: list[int], *, seed
 def build_database(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, retriever: Any,
                    datamodule: Any, directory: str | Path, *, fraction: float = 1.0, seed: int = 42,
                    keep_keys: bool | str = "auto", shard_rows: int | None = None,
-                   progress: bool = True) -> ExitDatabase:
+                   tolerance: float | None = None, progress: bool = True) -> ExitDatabase:
     """Stream one backbone pass over (a fraction of) the training split into the empty ``directory``.
 
     keep_keys: keep the raw keys (another retriever can then be built without a backbone pass), drop
         them, or "auto": keep them when they take at most 2 GiB (:data:`KEEP_KEYS_AUTO_BYTES`).
     shard_rows: rows per shard (default: about 128 MiB of keys and tables per shard).
+    tolerance: a regression head's "correct" is |prediction - target| <= tolerance (required for one;
+        stored in the metadata and checked on use).
     Write into a fresh directory and rename it (as :func:`raee.cache.load_or_build` does) for an
     atomic result; on its own, a failed build leaves a directory without meta.json, which never loads.
     """
+    tolerance = regression_tolerance(head, tolerance)
     directory = _empty_directory(directory)
     n_train = len(datamodule.split("train"))
     chosen = torch.from_numpy(select_fraction(n_train, fraction, seed))
@@ -112,7 +144,7 @@ def build_database(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncod
         take = torch.isin(batch["index"], chosen)
         if not take.any():
             continue
-        rows = exit_rows(backbone, head, key_encoder, _subset(batch, take))
+        rows = exit_rows(backbone, head, key_encoder, _subset(batch, take), tolerance)
         if writer is None:
             rows_per_shard = shard_rows or store.default_shard_rows(rows["keys"].shape[1], backbone.num_layers)
             writer = store.ShardWriter(directory / store.SHARDS_DIR, rows_per_shard, source=source)
@@ -121,7 +153,7 @@ def build_database(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncod
         raise ValueError("no training example was selected for the exit database (empty training split?)")
     shards = writer.close()
     count = len(chosen)
-    meta = setup_description(backbone, head, key_encoder) | {
+    meta = setup_description(backbone, head, key_encoder, tolerance) | {
         "format": FORMAT_VERSION, "dataset": source["dataset"], "split": "train", "fraction": fraction,
         "seed": seed, "train_size": n_train, "label_names": list(getattr(datamodule, "label_names", []) or []),
         "keep_keys": resolve_keep_keys(keep_keys, count, _key_dim(directory, shards[0])),
@@ -172,7 +204,8 @@ def append_database(directory: str | Path, backbone: LayerwiseBackbone, head: An
 
     def build(new: Path) -> None:
         old = ExitDatabase.load(directory)
-        old.check_compatible(setup_description(backbone, head, key_encoder))
+        tolerance = old.meta.get("tolerance")  # appended rows are judged as the old ones were
+        old.check_compatible(setup_description(backbone, head, key_encoder, tolerance))
         records = old.meta["shards"]
         seen = [r["source"].get("sha256") for r in records]
         if source.get("sha256") and source["sha256"] in seen:
@@ -187,7 +220,7 @@ def append_database(directory: str | Path, backbone: LayerwiseBackbone, head: An
                                    shard_rows or store.default_shard_rows(old.key_dim, old.info.num_layers),
                                    first_shard=len(records), source=source)
         for batch in tqdm(batches, desc="append", disable=not progress, leave=False):
-            writer.add(**exit_rows(backbone, head, key_encoder, batch))
+            writer.add(**exit_rows(backbone, head, key_encoder, batch, tolerance))
         shards = writer.close()
         if not shards:
             raise ValueError(f"nothing to append to exit database {directory}: {source} has no examples")

@@ -18,8 +18,9 @@ from raee.keys import KeyEncoder
 FORMAT_VERSION = 2
 META_FILE = "meta.json"
 INDEX_DIR = "index"
-#: metadata fields that must match between a database and the run that uses it
-COMPATIBILITY_FIELDS = ("num_layers", "backbone", "head", "key_encoder")
+#: metadata fields that must match between a database and the run that uses it (``tolerance``: None for
+#: classification, the regression tolerance a regression database's "correct" was computed with)
+COMPATIBILITY_FIELDS = ("num_layers", "backbone", "head", "key_encoder", "tolerance")
 BUILD_HINT = "build it with `python -m raee.build_db` (or let exit=raee build it)"
 
 
@@ -52,7 +53,13 @@ class ExitDatabase:
         return Path(self.meta["path"])
 
     def check_compatible(self, expected: dict[str, Any]) -> None:
-        """Refuse a database built for another backbone, head, layer count or key encoder."""
+        """Refuse a database built for another backbone, head, layer count, key encoder or regression tolerance."""
+        built, asked = self.meta.get("tolerance"), expected.get("tolerance")
+        if "tolerance" in expected and built != asked and built is not None and asked is not None:
+            raise ValueError(
+                f"exit database {self.meta.get('path', '')} marks a regression prediction correct within tolerance "
+                f"{built}, this run asks for {asked}: rebuild it with regression_tolerance={asked} (python -m "
+                f"raee.build_db regression_tolerance={asked}) or run with regression_tolerance={built}")
         for field in COMPATIBILITY_FIELDS:
             if field in expected and self.meta.get(field) != expected[field]:
                 raise ValueError(
@@ -130,7 +137,9 @@ def retriever_class(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def setup_description(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder) -> dict[str, Any]:
-    """The fields a database and a run must agree on."""
+def setup_description(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder,
+                      tolerance: float | None = None) -> dict[str, Any]:
+    """The fields a database and a run must agree on; ``tolerance`` only counts for a regression head."""
     return {"backbone": backbone.name, "num_layers": backbone.num_layers, "head": head.describe(),
-            "key_encoder": key_encoder.describe()}
+            "key_encoder": key_encoder.describe(),
+            "tolerance": float(tolerance) if getattr(head, "regression", False) and tolerance is not None else None}

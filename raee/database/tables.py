@@ -138,6 +138,10 @@ class ShardedTable:
     def bool(self) -> torch.Tensor:
         return self.tensor().bool()
 
+    def is_floating_point(self) -> bool:
+        """As torch: True for float tables (probabilities, keys, regression values and targets)."""
+        return self.dtype.is_floating_point
+
     def long(self) -> torch.Tensor:
         return self.tensor().long()
 

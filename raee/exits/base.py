@@ -41,6 +41,10 @@ class ExitStrategy(ABC):
 
     #: short name used in configs, summaries and tables
     name: str = "strategy"
+    #: strategies that can exit on regression outputs (one real value per example)
+    supports_regression: bool = False
+    #: strategies that fine-tune the head's classifier themselves in fit() (HashEE): the head is bound, not fitted
+    trains_head: bool = False
 
     def validate(self, num_layers: int) -> None:
         """Raise a clear error when the settings do not fit a backbone with ``num_layers`` layers."""
@@ -50,9 +54,16 @@ class ExitStrategy(ABC):
         """Learn or build what the strategy needs from the training split (RAEE's database,
         HashEE's hash and fine-tuning). Runs once per experiment, before evaluation."""
 
+    def check_task(self, regression: bool) -> None:
+        """Refuse a regression task when this strategy cannot exit on real-valued outputs."""
+        if regression and not self.supports_regression:
+            raise ValueError(f"exit={self.name} decides on class predictions and cannot handle a regression task: "
+                             "use full, fixed, oracle, patience, raee or hashee")
+
     def prepare(self, backbone: LayerwiseBackbone, head: Any) -> None:
         """One-time setup with the bound backbone and head (load a database, check compatibility)."""
         self.validate(backbone.num_layers)
+        self.check_task(getattr(head, "regression", False))
 
     def knobs(self) -> dict[str, Any]:
         """The settings that distinguish runs of this strategy (reported in summaries)."""

@@ -5,6 +5,9 @@ resets to 0 otherwise; an example exits when the counter reaches ``patience`` (s
 consecutive layers agree), else at the last layer. The first layer that predicts
 (``min_layer``: 1 as in PABEE, whose first classifier follows layer 1; 0 adds the embeddings)
 starts the counter at 0.
+
+Regression (PABEE's rule for real-valued outputs): layer i "agrees" with layer i-1 when their
+predictions differ by less than ``regression_threshold``.
 """
 
 from __future__ import annotations
@@ -18,13 +21,19 @@ from raee.exits.base import BatchContext, DynamicExit
 
 class PatienceExit(DynamicExit):
     name = "patience"
+    supports_regression = True
 
-    def __init__(self, patience: int = 2, min_layer: int = 1) -> None:
+    def __init__(self, patience: int = 2, min_layer: int = 1, regression_threshold: float = 0.1) -> None:
         self.patience = int(patience)
         self.min_layer = int(min_layer)
         if self.patience < 1:
             raise ValueError(f"exit.patience={patience} must be at least 1 (PABEE's t: exit once t+1 consecutive "
                              "layers agree)")
+        if not regression_threshold > 0:
+            raise ValueError(f"exit.regression_threshold={regression_threshold} must be > 0 (two layers' regression "
+                             "outputs agree when they differ by less than it)")
+        self.regression_threshold = float(regression_threshold)
+        self._regression = False
         self._prev: torch.Tensor | None = None
         self._count: torch.Tensor | None = None
 
@@ -35,16 +44,26 @@ class PatienceExit(DynamicExit):
                              f"could ever exit early; use 1..{num_layers}")
 
     def knobs(self) -> dict[str, Any]:
-        return {"patience": self.patience, "min_layer": self.min_layer}
+        knobs = {"patience": self.patience, "min_layer": self.min_layer}
+        return knobs | ({"regression_threshold": self.regression_threshold} if self._regression else {})
+
+    def prepare(self, backbone: Any, head: Any) -> None:
+        super().prepare(backbone, head)
+        self._regression = bool(getattr(head, "regression", False))
 
     def begin(self, ctx: BatchContext) -> None:
-        self._prev = torch.full((ctx.batch_size,), -1, dtype=torch.long)
+        # previous layer's prediction per example: a class id, or a value for regression (NaN: none yet)
+        self._prev = torch.full((ctx.batch_size,), float("nan"))
         self._count = torch.zeros(ctx.batch_size, dtype=torch.long)
 
     def should_exit(self, layer: int, logits: torch.Tensor, active: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
-        pred = logits.argmax(-1).cpu()
         idx = active.cpu()
-        same = pred == self._prev[idx]
-        self._count[idx] = torch.where(same, self._count[idx] + 1, torch.zeros_like(pred))
+        if self._regression:
+            pred = logits[:, 0].detach().float().cpu()
+            same = (pred - self._prev[idx]).abs() < self.regression_threshold  # NaN (first layer) compares False
+        else:
+            pred = logits.argmax(-1).cpu().float()
+            same = pred == self._prev[idx]
+        self._count[idx] = torch.where(same, self._count[idx] + 1, torch.zeros_like(self._count[idx]))
         self._prev[idx] = pred
         return (self._count[idx] >= self.patience).to(logits.device)

@@ -20,10 +20,15 @@ from raee.exits.base import BatchContext, PlannedExit
 
 
 class RaeeExit(PlannedExit):
+    """tolerance: on a regression task, a layer counts as correct for a database example when its
+    prediction is within ``tolerance`` of the target (stored in the database, checked on use)."""
+
     name = "raee"
+    supports_regression = True
 
     def __init__(self, key_encoder: Any, retriever: Any, aggregator: Any, k: int = 12, database: str | None = None,
-                 fraction: float = 1.0, seed: int = 42, rebuild: bool = False, keep_keys: bool | str = "auto") -> None:
+                 fraction: float = 1.0, seed: int = 42, rebuild: bool = False, keep_keys: bool | str = "auto",
+                 tolerance: float = 0.5) -> None:
         if k < 1:
             raise ValueError(f"exit.k={k} must be at least 1 (number of neighbours retrieved)")
         self.key_encoder = key_encoder
@@ -35,6 +40,7 @@ class RaeeExit(PlannedExit):
         self.seed = int(seed)
         self.rebuild = bool(rebuild)
         self.keep_keys = keep_keys
+        self.tolerance = float(tolerance)
         self.plan_layer = key_encoder.plan_layer
         self.db = None
         self.last: dict[str, torch.Tensor] = {}  # neighbours and distribution of the last batch (notebooks)
@@ -56,7 +62,7 @@ class RaeeExit(PlannedExit):
         from raee.database import FORMAT_VERSION, setup_description
         from raee.experiment import data_description, fingerprint
 
-        key = fingerprint(setup_description(backbone, head, self.key_encoder)
+        key = fingerprint(setup_description(backbone, head, self.key_encoder, self.tolerance)
                           | {"data": data_description(datamodule), "fraction": self.fraction, "seed": self.seed,
                              "keep_keys": str(self.keep_keys), "format": FORMAT_VERSION})
         return Path(cache_dir or "artifacts/cache") / "db" / key
@@ -77,7 +83,7 @@ class RaeeExit(PlannedExit):
         if self.database_dir and not self.rebuild and not (directory / "meta.json").exists():
             raise FileNotFoundError(f"exit.database={directory} does not exist: build it with `python -m raee.build_db "
                                     f"db.dir={directory}` or leave exit.database=null to build one automatically")
-        expected = database.setup_description(backbone, head, self.key_encoder)
+        expected = database.setup_description(backbone, head, self.key_encoder, self.tolerance)
 
         def load(path: Path) -> Any:
             db = database.ExitDatabase.load(path)
@@ -87,7 +93,7 @@ class RaeeExit(PlannedExit):
         def build(path: Path) -> None:
             database.build_database(backbone, head, self.key_encoder, self.retriever, datamodule, path,
                                     fraction=self.fraction, seed=self.seed, keep_keys=self.keep_keys,
-                                    progress=progress)
+                                    tolerance=self.tolerance, progress=progress)
 
         db = load_or_build(directory, build, load, auto=not self.database_dir, what="exit database",
                            rebuild=self.rebuild)
@@ -105,7 +111,7 @@ class RaeeExit(PlannedExit):
             raise RuntimeError("RAEE has no exit database: call fit() (run_experiment does) or use_database()")
         from raee.database import setup_description
 
-        self.db.check_compatible(setup_description(backbone, head, self.key_encoder))
+        self.db.check_compatible(setup_description(backbone, head, self.key_encoder, self.tolerance))
         if self.k > self.db.size:
             warnings.warn(f"exit.k={self.k} is larger than the exit database ({self.db.size} examples); "
                           f"using k={self.db.size}", stacklevel=2)

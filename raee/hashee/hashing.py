@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-HASHES = ("random", "frequency", "mi", "cluster")
+#: hashes that give every token id one exit layer (a (V,) map)
+TYPE_HASHES = ("random", "frequency", "mi", "cluster")
+#: every hash: the type hashes and the per-occurrence random hash (a layer per token occurrence)
+HASHES = ("random", "random_occurrence", "frequency", "mi", "cluster")
+
+#: a Mersenne prime: products of two residues fit in int64, so the occurrence hash is exact integer arithmetic
+_PRIME = 2_147_483_647
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -74,6 +80,37 @@ def random_hash(vocab_size: int, num_layers: int, seed: int = 42, special_ids: S
     token_to_layer = torch.full((vocab_size,), num_layers, dtype=torch.long)
     token_to_layer[shuffled] = torch.arange(shuffled.numel()) % num_layers + 1
     return token_to_layer
+
+
+def occurrence_random_layers(input_ids: torch.Tensor, attention_mask: torch.Tensor, num_layers: int,
+                             seed: int = 42, special_ids: Sequence[int] = ()) -> torch.Tensor:
+    """Per-occurrence random hash (the paper's inconsistent random hash): a uniform random layer per
+    token *occurrence*, so one type gets different layers at different positions and in different texts.
+
+    input_ids, attention_mask: (B, T), right-padded. Returns (B, T) long in 1..L; special tokens and
+    padding get L. The draw is a seeded hash of (the example's real token ids, position): the same
+    example gets the same layers in every batch, whatever its padding or batch neighbours (so results
+    are reproducible and fine-tuning sees the same assignment every epoch), and another seed gives
+    another assignment.
+    """
+    _check_layers(num_layers)
+    ids = torch.as_tensor(input_ids).long()
+    real = torch.as_tensor(attention_mask).bool().to(ids.device)
+    if ids.dim() != 2 or real.shape != ids.shape:
+        raise ValueError(f"input_ids {tuple(ids.shape)} and attention_mask {tuple(real.shape)} must both be (B, T)")
+    generator = torch.Generator().manual_seed(int(seed))
+    a, b, c, d, e, r = (int(v) for v in torch.randint(1, _PRIME, (6,), generator=generator))
+    # the example's key: a polynomial hash of its real tokens (padding leaves it unchanged)
+    key = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+    for t in range(ids.shape[1]):
+        key = torch.where(real[:, t], (key * r + ids[:, t] + 1) % _PRIME, key)
+    position = torch.arange(1, ids.shape[1] + 1, device=ids.device)
+    h = (key.unsqueeze(1) * a % _PRIME + position * b + c) % _PRIME  # (B, T)
+    h = (h * h % _PRIME * d + e) % _PRIME  # two quadratic rounds: positions no longer in arithmetic progression
+    h = (h * h % _PRIME + a) % _PRIME
+    layers = h % num_layers + 1
+    special = torch.isin(ids, torch.tensor(list(special_ids), dtype=torch.long, device=ids.device))
+    return torch.where(real & ~special, layers, torch.full_like(layers, num_layers))
 
 
 def frequency_hash(token_counts: torch.Tensor, num_layers: int, special_ids: Sequence[int] = ()) -> torch.Tensor:

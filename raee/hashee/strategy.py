@@ -1,12 +1,14 @@
 """HashEE (Sun et al. 2022): token-level early exit with hash-assigned exit layers.
 
-Every token id gets a fixed exit layer from a hash (random, frequency, mutual information or
-embedding clusters); a token is updated by layers 1..e and frozen after its exit layer e,
-while tokens still active keep attending to it. Special tokens get L, so the classification
-token runs every layer and the prediction is read from the head's layer-L classifier. The
-backbone is fine-tuned with the exits in place (:mod:`raee.hashee.training`). There are no
-internal classifiers and no instance-level decisions: every example "exits" at L; the savings
-are inside the layers and are reported by :meth:`HashEEExit.flops_speedup`.
+Every token gets a fixed exit layer from a hash (random per type or per occurrence, frequency,
+mutual information or embedding clusters); a token is updated by layers 1..e and frozen after
+its exit layer e, while tokens still active keep attending to it. Special tokens get L, so the
+classification token runs every layer and the prediction is read from the head's layer-L
+classifier. The backbone and that classifier are fine-tuned together with the exits in place
+(:mod:`raee.hashee.training`), from the backbone's starting weights: HashEE trains its own
+classifier, so the head is only bound, never fitted, before :meth:`HashEEExit.fit`. There are no
+internal classifiers and no instance-level decisions: every example "exits" at L; the savings are
+inside the layers and are reported by :meth:`HashEEExit.flops_speedup`.
 """
 
 from __future__ import annotations
@@ -19,34 +21,40 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from raee.atomic import atomic_path, atomic_write_text
 from raee.backbones.base import LayerState, LayerwiseBackbone
+from raee.cache import load_or_build
 from raee.exits.base import BatchContext, PlannedExit
 from raee.hashee import hashing
 from raee.hashee.token_layer import active_tokens, layer_parts, run_token_exit_layer, token_exit_flops
 
-#: files of a HashEE checkpoint directory (meta.json is written last: its presence marks a complete save)
-FILES = ("token_to_layer.safetensors", "backbone.safetensors", "classifiers.safetensors", "meta.json")
+#: the hashes HashEEExit accepts: the paper's, and ``none`` (no token exits: the same fine-tuning
+#: recipe without exits, the reference HashEE is compared with)
+STRATEGY_HASHES = (*hashing.HASHES, "none")
 
 
 class HashEEExit(PlannedExit):
     name = "hashee"
+    supports_regression = True
+    trains_head = True  # fine-tunes the layer-L classifier itself: the head is bound, not fitted, before fit()
 
-    def __init__(self, hash: str = "frequency", num_layers: int | None = None, seed: int = 42,
+    def __init__(self, hash: str = "frequency", num_layers: int | None = None, first_layer: int = 1, seed: int = 42,
                  max_epochs: int = 1, lr: float = 2e-5, head_lr: float | None = None, weight_decay: float = 0.01,
                  warmup: float = 0.1, gradient_clip_val: float | None = 1.0,
                  limit_train_batches: int | float | None = None, max_steps: int = -1,
                  kmeans_iterations: int = 10, checkpoint: str | None = None) -> None:
-        if hash not in hashing.HASHES:
-            raise ValueError(f"exit.hash={hash!r} is not a HashEE hash: choose one of {list(hashing.HASHES)}")
+        if hash not in STRATEGY_HASHES:
+            raise ValueError(f"exit.hash={hash!r} is not a HashEE hash: choose one of {list(STRATEGY_HASHES)}")
         if lr <= 0 or (head_lr is not None and head_lr <= 0):
             raise ValueError(f"exit.lr={lr} and exit.head_lr={head_lr} must be positive learning rates")
         if max_epochs < 0:
             raise ValueError(f"exit.max_epochs={max_epochs} must be >= 0 (0 = hash only, no fine-tuning)")
         if not 0.0 <= warmup < 1.0:
             raise ValueError(f"exit.warmup={warmup} is the warm-up share of the training steps: give 0 <= warmup < 1")
+        if int(first_layer) < 1:
+            raise ValueError(f"exit.first_layer={first_layer} must be >= 1: a token is updated by at least layer 1")
         self.hash = hash
         self.num_layers = None if num_layers is None else int(num_layers)
+        self.first_layer = int(first_layer)
         self.seed = int(seed)
         self.max_epochs, self.lr, self.head_lr = int(max_epochs), float(lr), head_lr
         self.weight_decay, self.warmup, self.gradient_clip_val = float(weight_decay), float(warmup), gradient_clip_val
@@ -54,27 +62,44 @@ class HashEEExit(PlannedExit):
         self.kmeans_iterations = int(kmeans_iterations)
         self.checkpoint = checkpoint
         self.plan_layer = 0
-        self.token_to_layer: torch.Tensor | None = None  # (V,) long, 1..L
+        self.token_to_layer: torch.Tensor | None = None  # (V,) long, 1..L (type hashes); None per occurrence
+        self.special_ids: list[int] = []  # never exit early (per-occurrence hash)
+        self._layers = self.num_layers or 0  # L, known from the backbone at fit/prepare
+        self.ready = False  # True once the exit assignment is known (fit, load or use_token_map)
         self.checkpoint_dir: Path | None = None  # where the last fit saved to / loaded from
         self.loaded = False  # True when the last fit reloaded a checkpoint instead of training
+        self.train_steps = 0  # optimiser steps of the last fine-tune (also read back from a checkpoint)
         self._device_map: torch.Tensor | None = None
+        self._exits_for: torch.Tensor | None = None  # the input_ids whose exit layers are in _exits
+        self._exits: torch.Tensor | None = None
         self.reset_flops()
 
     # ------------------------------------------------------------------ settings
     def knobs(self) -> dict[str, Any]:
-        return {"hash": self.hash, "seed": self.seed, "max_epochs": self.max_epochs, "lr": self.lr}
+        return {"hash": self.hash, "first_layer": self.first_layer, "seed": self.seed, "max_epochs": self.max_epochs,
+                "lr": self.lr}
 
     def training_settings(self) -> dict[str, Any]:
-        return {"hash": self.hash, "seed": self.seed, "max_epochs": self.max_epochs, "lr": self.lr,
+        return {"hash": self.hash, "first_layer": self.first_layer, "seed": self.seed, "max_epochs": self.max_epochs,
+                "lr": self.lr,
                 "head_lr": self.head_lr, "weight_decay": self.weight_decay, "warmup": self.warmup,
                 "gradient_clip_val": self.gradient_clip_val, "limit_train_batches": self.limit_train_batches,
                 "max_steps": self.max_steps, "kmeans_iterations": self.kmeans_iterations}
+
+    def budget(self) -> dict[str, Any]:
+        """The fine-tuning budget of the last fit (reported in summaries beside the other methods')."""
+        return {"by": "hashee", "epochs": self.max_epochs, "steps": self.train_steps, "lr": self.lr,
+                "head_lr": self.head_lr if self.head_lr is not None else self.lr, "warmup": self.warmup,
+                "weight_decay": self.weight_decay, "seed": self.seed}
 
     def validate(self, num_layers: int) -> None:
         if self.num_layers is not None and self.num_layers != num_layers:
             raise ValueError(
                 f"exit.num_layers={self.num_layers} but the backbone has {num_layers} layers: HashEE hashes tokens "
                 f"into the backbone's layers, so set exit.num_layers={num_layers} or null (use the backbone's)")
+        if self.first_layer > num_layers:
+            raise ValueError(f"exit.first_layer={self.first_layer} is above the backbone's {num_layers} layers: use "
+                             f"1..{num_layers} ({num_layers} = no token exits)")
 
     @staticmethod
     def _check_backbone(backbone: LayerwiseBackbone) -> None:
@@ -95,19 +120,26 @@ class HashEEExit(PlannedExit):
 
     # ------------------------------------------------------------------ the hash
     def build_token_map(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any,
-                        progress: bool = True) -> torch.Tensor:
-        """(V,) exit layer per token id, from the training split (or the embeddings / a seed)."""
+                        progress: bool = True) -> torch.Tensor | None:
+        """(V,) exit layer per token id in first_layer..L, from the training split (or the embeddings / a
+        seed): the hash cuts the tokens into L - first_layer + 1 buckets. None for the per-occurrence hash,
+        which has no map."""
         from raee.features import encode_batch
 
         L = backbone.num_layers
+        buckets = L - self.first_layer + 1  # the hash spreads tokens over layers first_layer..L
         embeddings = backbone.model.get_input_embeddings().weight
         vocab_size = int(embeddings.shape[0])
         special = list(backbone.tokenizer.all_special_ids)
+        if self.hash == "random_occurrence":
+            return None
+        if self.hash == "none":
+            return torch.full((vocab_size,), L, dtype=torch.long)
         if self.hash == "random":
-            return hashing.random_hash(vocab_size, L, self.seed, special)
+            return hashing.random_hash(vocab_size, buckets, self.seed, special) + (self.first_layer - 1)
         if self.hash == "cluster":
-            return hashing.cluster_hash(embeddings.detach().cpu(), L, self.seed, special,
-                                        iterations=self.kmeans_iterations)
+            return hashing.cluster_hash(embeddings.detach().cpu(), buckets, self.seed, special,
+                                        iterations=self.kmeans_iterations) + (self.first_layer - 1)
         counts = torch.zeros(vocab_size, dtype=torch.long)
         num_classes = len(datamodule.label_names)
         joint = torch.zeros(vocab_size, num_classes, dtype=torch.long)
@@ -121,8 +153,9 @@ class HashEEExit(PlannedExit):
                 hashing.add_token_label_counts(joint, class_counts, enc["input_ids"], enc["attention_mask"],
                                                batch["label"])
         if self.hash == "frequency":
-            return hashing.frequency_hash(counts, L, special)
-        return hashing.mutual_information_hash(joint, L, special, class_counts=class_counts)
+            return hashing.frequency_hash(counts, buckets, special) + (self.first_layer - 1)
+        mi = hashing.mutual_information_hash(joint, buckets, special, class_counts=class_counts)
+        return mi + (self.first_layer - 1)
 
     def use_token_map(self, token_to_layer: torch.Tensor) -> None:
         """Set the (V,) token -> exit layer map directly (notebooks, tests)."""
@@ -130,72 +163,106 @@ class HashEEExit(PlannedExit):
         if token_to_layer.dim() != 1 or token_to_layer.numel() == 0 or int(token_to_layer.min()) < 1:
             raise ValueError("token_to_layer must be a non-empty (vocab_size,) tensor of exit layers >= 1")
         self.token_to_layer = token_to_layer
-        self._device_map = None
+        self._device_map = self._exits_for = None
+        self.ready = True
+
+    def use_occurrence_hash(self, special_ids: list[int]) -> None:
+        """Assign layers per token occurrence (hash=random_occurrence); ``special_ids`` never exit early."""
+        self.token_to_layer = None
+        self._device_map = self._exits_for = None
+        self.special_ids = [int(i) for i in special_ids]
+        self.ready = True
+
+    def assign(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) exit layer of every token of a batch (1..L; special tokens L)."""
+        if not self.ready:
+            raise RuntimeError("HashEE has no token exit assignment yet: call fit() (run_experiment does) or "
+                               "use_token_map()")
+        if self.token_to_layer is None:
+            buckets = self._layers - self.first_layer + 1
+            return hashing.occurrence_random_layers(input_ids, attention_mask, buckets, self.seed,
+                                                    self.special_ids) + (self.first_layer - 1)
+        device = input_ids.device
+        if self._device_map is None or self._device_map.device != device:
+            self._device_map = self.token_to_layer.to(device)
+        return self._device_map[input_ids]
 
     # ------------------------------------------------------------------ fit / checkpoint
     def default_checkpoint_dir(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any,
                                cache_dir: Any) -> Path:
         from raee.experiment import data_description, fingerprint
 
+        # of the head, only what shapes HashEE's classifier: its own settings train it, not the head's
+        shape = {k: v for k, v in head.describe().items() if k in ("type", "pooling", "dropout", "task")}
         key = fingerprint({"method": "hashee", "settings": self.training_settings(),
-                           "backbone": backbone.describe(), "head": head.describe(),
-                           "data": data_description(datamodule)})
+                           "backbone": backbone.describe(), "head": shape, "data": data_description(datamodule)})
         return Path(cache_dir or "artifacts/cache") / "hashee" / key
 
     def fit(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any, cache_dir: Any = None,
             progress: bool = True) -> None:
-        """Build the hash and fine-tune backbone + layer-L classifier with token exits in place;
-        or reload both from the checkpoint directory when it holds a finished run."""
+        """Build the hash and fine-tune backbone + layer-L classifier with token exits in place, once per
+        setting (a build-once cache directory, safe under parallel jobs); later fits reload it."""
         L = backbone.num_layers
         self.validate(L)
         self._check_backbone(backbone)
         self._check_head(head, L)
-        if getattr(datamodule, "is_regression", False):
-            raise ValueError("HashEE fine-tunes with cross-entropy on class labels; this dataset is a regression "
-                             "task: use a classification dataset")
+        self._layers = L
+        if getattr(datamodule, "is_regression", False) and self.hash == "mi":
+            raise ValueError("the mutual-information hash needs class labels, not regression targets: use "
+                             "exit.hash=frequency, random, random_occurrence or cluster for regression data")
         directory = Path(self.checkpoint) if self.checkpoint else self.default_checkpoint_dir(
             backbone, head, datamodule, cache_dir)
         self.checkpoint_dir = directory
-        if (directory / "meta.json").exists():
-            self.load(directory, backbone, head)
-            self.loaded = True
-            return
+        self.loaded = True  # unless build() runs below
+
+        def build(tmp: Path) -> None:
+            self.loaded = False
+            self._train(backbone, head, datamodule, progress)
+            self.save(tmp, backbone, head)
+
+        load_or_build(directory, build, lambda d: self.load(d, backbone, head), auto=not self.checkpoint,
+                      what="HashEE checkpoint")
+
+    def _train(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any, progress: bool) -> None:
         token_to_layer = self.build_token_map(backbone, head, datamodule, progress=progress)
-        self.use_token_map(token_to_layer)
+        if token_to_layer is None:
+            self.use_occurrence_hash(backbone.tokenizer.all_special_ids)
+        else:
+            self.use_token_map(token_to_layer)
+        self.train_steps = 0
         if self.max_epochs > 0 and self.max_steps != 0:
             from raee.hashee.training import finetune_with_token_exits
 
-            finetune_with_token_exits(
-                backbone, head, token_to_layer, datamodule, max_epochs=self.max_epochs, lr=self.lr,
+            self.train_steps = finetune_with_token_exits(
+                backbone, head, self.assign, datamodule, max_epochs=self.max_epochs, lr=self.lr,
                 head_lr=self.head_lr, weight_decay=self.weight_decay, warmup=self.warmup,
                 gradient_clip_val=self.gradient_clip_val, limit_train_batches=self.limit_train_batches,
-                max_steps=self.max_steps, progress=progress)
-        self.save(directory, backbone, head)
-        self.loaded = False
+                max_steps=self.max_steps, seed=self.seed, progress=progress)
 
     def save(self, directory: str | Path, backbone: LayerwiseBackbone, head: Any) -> None:
-        """Token map, backbone weights and head classifiers as safetensors, then meta.json (each atomic)."""
-        if self.token_to_layer is None:
-            raise RuntimeError("nothing to save: HashEE has no token map yet (call fit() first)")
+        """Token map (type hashes), backbone weights and head classifiers as safetensors, and meta.json."""
+        if not self.ready:
+            raise RuntimeError("nothing to save: HashEE has no token exit assignment yet (call fit() first)")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            "token_to_layer.safetensors": {"token_to_layer": self.token_to_layer},
-            "backbone.safetensors": backbone.model.state_dict(),
-            "classifiers.safetensors": head.classifiers.state_dict(),
-        }
+        tensors = {"backbone.safetensors": backbone.model.state_dict(),
+                   "classifiers.safetensors": head.classifiers.state_dict()}
+        if self.token_to_layer is not None:
+            tensors["token_to_layer.safetensors"] = {"token_to_layer": self.token_to_layer}
         for name, state in tensors.items():
-            with atomic_path(directory / name) as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(directory / name))
         L = backbone.num_layers
         meta = {"method": "hashee", "settings": self.training_settings(), "num_layers": L,
-                "vocab_size": int(self.token_to_layer.numel()), "backbone": backbone.name,
-                "head": head.describe(), "label_names": list(head.label_names),
-                "types_per_layer": hashing.layer_histogram(self.token_to_layer, L)[1:]}
-        atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2))
+                "vocab_size": int(backbone.model.get_input_embeddings().weight.shape[0]),
+                "backbone": backbone.name, "head": head.describe(), "label_names": list(head.label_names),
+                "special_ids": list(backbone.tokenizer.all_special_ids), "train_steps": self.train_steps,
+                "types_per_layer": (hashing.layer_histogram(self.token_to_layer, L)[1:]
+                                    if self.token_to_layer is not None else None)}
+        (directory / "meta.json").write_text(json.dumps(meta, indent=2))
 
     def load(self, directory: str | Path, backbone: LayerwiseBackbone, head: Any) -> None:
-        """Restore a saved run into ``backbone`` and ``head`` (checked against them first)."""
+        """Restore a saved run into ``backbone`` and ``head``; everything is checked before anything is
+        changed, so a refused checkpoint leaves the model as it was."""
         directory = Path(directory)
         meta_path = directory / "meta.json"
         if not meta_path.exists():
@@ -216,10 +283,19 @@ class HashEEExit(PlannedExit):
         if problems:
             raise ValueError(f"HashEE checkpoint {directory} was made for " + ", ".join(problems)
                              + ": point exit.checkpoint elsewhere (or delete it) to train a matching one")
-        self.use_token_map(load_file(str(directory / "token_to_layer.safetensors"))["token_to_layer"])
         device = backbone.device
-        backbone.model.load_state_dict(load_file(str(directory / "backbone.safetensors"), device=str(device)))
-        head.classifiers.load_state_dict(load_file(str(directory / "classifiers.safetensors"), device=str(device)))
+        weights = load_file(str(directory / "backbone.safetensors"), device=str(device))
+        classifiers = load_file(str(directory / "classifiers.safetensors"), device=str(device))
+        _check_state(backbone.model.state_dict(), weights, directory / "backbone.safetensors")
+        _check_state(head.classifiers.state_dict(), classifiers, directory / "classifiers.safetensors")
+        self._layers = L
+        if meta["settings"]["hash"] == "random_occurrence":
+            self.use_occurrence_hash(meta["special_ids"])
+        else:
+            self.use_token_map(load_file(str(directory / "token_to_layer.safetensors"))["token_to_layer"])
+        self.train_steps = int(meta.get("train_steps", 0))
+        backbone.model.load_state_dict(weights)
+        head.classifiers.load_state_dict(classifiers)
         backbone.requires_grad_(False)
         backbone.model.eval()
         head.eval()
@@ -229,10 +305,11 @@ class HashEEExit(PlannedExit):
         super().prepare(backbone, head)
         self._check_backbone(backbone)
         self._check_head(head, backbone.num_layers)
-        if self.token_to_layer is None:
+        if not self.ready:
             raise RuntimeError("HashEE has no token -> layer map: call fit() (run_experiment does) or use_token_map()")
+        self._layers = backbone.num_layers
         vocab_size = int(backbone.model.get_input_embeddings().weight.shape[0])
-        if self.token_to_layer.numel() != vocab_size:
+        if self.token_to_layer is not None and self.token_to_layer.numel() != vocab_size:
             raise ValueError(f"the token map covers {self.token_to_layer.numel()} ids but the backbone's vocabulary "
                              f"has {vocab_size}: rebuild it with fit() on this backbone")
         self.reset_flops()  # a test run begins: count its batches only
@@ -242,13 +319,11 @@ class HashEEExit(PlannedExit):
         return torch.full((state.batch_size,), ctx.num_layers, dtype=torch.long, device=state.hidden.device)
 
     def token_exits(self, state: LayerState) -> torch.Tensor:
-        """(B, T) exit layer of every token of ``state`` (looked up from its current input_ids)."""
-        if self.token_to_layer is None:
-            raise RuntimeError("HashEE has no token -> layer map: call fit() or use_token_map() first")
-        device = state.input_ids.device
-        if self._device_map is None or self._device_map.device != device:
-            self._device_map = self.token_to_layer.to(device)
-        return self._device_map[state.input_ids]
+        """(B, T) exit layer of every token of ``state``; computed once per batch (the layers of one batch
+        share its input_ids tensor)."""
+        if self._exits_for is not state.input_ids:
+            self._exits_for, self._exits = state.input_ids, self.assign(state.input_ids, state.attention_mask)
+        return self._exits
 
     def run_layer(self, backbone: LayerwiseBackbone, state: LayerState) -> LayerState:
         def token_level(layer: int, state: LayerState) -> torch.Tensor:
@@ -273,3 +348,12 @@ class HashEEExit(PlannedExit):
         if self.flops == 0:
             return None
         return self.full_flops / self.flops
+
+
+def _check_state(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse saved weights whose names or shapes differ from the model's (before any is loaded)."""
+    missing, extra = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
+    shapes = [k for k in set(expected) & set(loaded) if tuple(expected[k].shape) != tuple(loaded[k].shape)]
+    if missing or extra or shapes:
+        raise ValueError(f"{path} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}, "
+                         f"other shapes {sorted(shapes)[:3]}): delete it to train again")

@@ -127,14 +127,27 @@ def run_token_exit_layer(backbone: LayerwiseBackbone, layer: int, state: LayerSt
     return new
 
 
+#: how a batch's tokens get their exit layers: a (V,) map of token id -> layer, or a function of
+#: (input_ids (B, T), attention_mask (B, T)) -> (B, T) exit layers (the per-occurrence hash)
+TokenExits = torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def token_exit_layers(exits: TokenExits, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) exit layer of every token of a batch, from a (V,) map or an assignment function."""
+    if callable(exits):
+        return exits(input_ids, attention_mask).to(input_ids.device)
+    return exits.to(input_ids.device)[input_ids]
+
+
 def forward_with_token_exits(backbone: LayerwiseBackbone, inputs: dict[str, torch.Tensor],
-                             token_to_layer: torch.Tensor) -> LayerState:
+                             exits: TokenExits) -> LayerState:
     """Embed ``inputs`` (tokenised batch) and run all L layers with token exits; returns layer L's state.
 
-    token_to_layer: (V,) exit layer per token id. Used for fine-tuning and as a reference in tests.
+    exits: (V,) exit layer per token id, or a function giving (B, T) exit layers (see :data:`TokenExits`).
+    Used for fine-tuning and as a reference in tests.
     """
     state = backbone.embed(**inputs)
-    token_exit = token_to_layer.to(state.input_ids.device)[state.input_ids]
+    token_exit = token_exit_layers(exits, state.input_ids, state.attention_mask)
     for layer in range(1, backbone.num_layers + 1):
         hidden = run_token_exit_layer(backbone, layer, state, token_exit)
         state = LayerState(hidden=hidden, attention_mask=state.attention_mask, input_ids=state.input_ids,

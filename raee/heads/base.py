@@ -20,11 +20,23 @@ class Head(nn.Module, ABC):
 
     #: heads that must see training data before use (prototype, linear)
     needs_fit: bool = False
+    #: heads that can output one real value per example (regression tasks: linear)
+    supports_regression: bool = False
 
     def __init__(self) -> None:
         super().__init__()
         self.label_names: list[str] = []
         self.num_layers: int = 0
+        self.regression = False  # set by use_task("regression"): one output, no classes
+
+    def use_task(self, task_type: str) -> None:
+        """Set the task before :meth:`bind`: "classification" or "regression" (one real output)."""
+        if task_type not in ("classification", "regression"):
+            raise ValueError(f"task_type={task_type!r} is not supported: use classification or regression")
+        if task_type == "regression" and not self.supports_regression:
+            raise ValueError(f"{type(self).__name__} predicts classes and cannot do regression: use head=linear "
+                             "(a regression output per layer) for a regression dataset")
+        self.regression = task_type == "regression"
 
     @property
     def num_classes(self) -> int:

@@ -19,10 +19,10 @@ SWEEP_MARKER = "multirun.yaml"
 #: the per-run columns of :func:`collect`, in order (knob_<name> columns follow ``knobs``)
 COLUMNS = (
     "method", "knobs", "dataset", "split", "backbone", "head", "num_layers", "task_metric", "task_metric_value",
-    "accuracy", "macro_f1", "mcc", "mean_exit_layer", "layer_speedup", "layers_saved", "flops_speedup",
+    "accuracy", "macro_f1", "mcc", "spearman", "budget", "mean_exit_layer", "layer_speedup", "layers_saved", "flops_speedup",
     "wall_time_s", "full_wall_time_s", "wall_speedup", "sweep_wall_speedup", "throughput", "retrieval_share",
     "num_examples", "seed", "exit_layer_counts", "overrides", "sweep", "run_dir")
-NUMERIC_COLUMNS = ("task_metric_value", "accuracy", "macro_f1", "mcc", "mean_exit_layer", "layer_speedup",
+NUMERIC_COLUMNS = ("task_metric_value", "accuracy", "macro_f1", "mcc", "spearman", "mean_exit_layer", "layer_speedup",
                    "layers_saved", "flops_speedup", "wall_time_s", "full_wall_time_s", "wall_speedup",
                    "sweep_wall_speedup", "throughput", "retrieval_share")
 FAILED_COLUMNS = ("run_dir", "method", "data", "backbone", "head", "error", "overrides")
@@ -171,6 +171,7 @@ def _summaries(root: Path) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]
             continue
         flat = flatten_knobs(summary.get("knobs"))
         row = {c: summary.get(c) for c in COLUMNS}
+        row["budget"] = budget_string(summary.get("budget"))
         row.update(knobs=knobs_string(flat), overrides=_overrides(run_dir), run_dir=_rel(run_dir, root),
                    sweep=_rel(_sweep_dir(run_dir, root), root))
         if row["throughput"] is None and row["wall_time_s"] and row["num_examples"]:
@@ -178,6 +179,14 @@ def _summaries(root: Path) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]
         row.update({f"knob_{k}": (format_value(v) if isinstance(v, (list, tuple)) else v) for k, v in flat.items()})
         rows.append(row)
     return rows, bad
+
+
+def budget_string(budget: dict[str, Any] | None) -> str:
+    """How a run's weights were fine-tuned, e.g. 'head: 3 ep, 120 steps, lr 5e-05/0.001, seed 42' ('' if frozen)."""
+    if not budget:
+        return ""
+    return (f"{budget.get('by')}: {budget.get('epochs')} ep, {budget.get('steps')} steps, "
+            f"lr {format_value(budget.get('lr'))}/{format_value(budget.get('head_lr'))}, seed {budget.get('seed')}")
 
 
 def add_sweep_speedup(df: pd.DataFrame) -> pd.DataFrame:

@@ -38,6 +38,7 @@ def markdown_table(df: pd.DataFrame, columns: dict[str, str] | None = None, form
 RESULT_HEADERS = {
     "dataset": "dataset", "backbone_short": "backbone", "head": "head", "method": "method", "knobs_shown": "knobs",
     "task_metric": "metric", "task_metric_value": "value", "accuracy": "accuracy", "macro_f1": "macro F1",
+    "spearman": "Spearman", "budget": "fine-tuning budget",
     "mean_exit_layer": "mean exit layer", "num_layers": "L", "layer_speedup": "layer speed-up",
     "wall_speedup": "wall speed-up", "sweep_wall_speedup": "sweep wall speed-up", "flops_speedup": "FLOPs speed-up",
     "retrieval_share": "retrieval share", "num_examples": "n", "pareto": "Pareto", "run_dir": "run",
@@ -51,10 +52,11 @@ def results_markdown(df: pd.DataFrame) -> str:
     df = sort_runs(df if "speedup" in df.columns else add_analysis(df))
     df = df.assign(knobs_shown=[v or k for v, k in zip(df["varying_knobs"], df["knobs"].fillna(""))],
                    backbone_short=[str(b).rstrip("/").split("/")[-1] for b in df["backbone"]])
-    headers = RESULT_HEADERS
+    headers = {c: h for c, h in RESULT_HEADERS.items()  # columns only some runs fill: hidden when none does
+               if c not in ("spearman", "budget") or df[c].replace("", np.nan).notna().any()}
     if "split" in df.columns and (df["split"].fillna("test") != "test").any():
         # runs on another split (a search on validation) say so beside the dataset
-        headers = {"dataset": "dataset", "split": "split", **RESULT_HEADERS}
+        headers = {"dataset": "dataset", "split": "split", **headers}
     return markdown_table(df, headers, RESULT_FORMATS)
 
 
