@@ -87,6 +87,8 @@ def build_summary(results: dict[str, Any], strategy: ExitStrategy, backbone: Lay
         "task_metric_value": results.get(task_metric),
         "accuracy": results.get("accuracy"), "macro_f1": results.get("macro_f1"), "mcc": results.get("mcc"),
         "mean_exit_layer": results["mean_exit_layer"], "layer_speedup": results["layer_speedup"],
+        "mean_layers_computed": results.get("mean_layers_computed"),
+        "computed_layer_speedup": results.get("computed_layer_speedup"),
         "layers_saved": results["layers_saved"], "flops_speedup": results.get("flops_speedup"),
         "wall_time_s": results["wall_time_s"], "throughput": results["throughput"],
         "full_wall_time_s": full_time,
@@ -96,9 +98,18 @@ def build_summary(results: dict[str, Any], strategy: ExitStrategy, backbone: Lay
         "oracle_mean_exit_layer": oracle.get("mean_exit_layer") if oracle else None,
         "retrieval_time_s": results["retrieval_time_s"], "retrieval_share": results["retrieval_share"],
         "timings": results.get("timings", {}), "exit_layer_counts": results["exit_layer_counts"],
+        "calibration": calibration_summary(strategy),
         "status": "ok", "version": raee.__version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+
+
+def calibration_summary(strategy: ExitStrategy) -> dict[str, Any] | None:
+    """What calibration chose on the validation split (None when the strategy was not calibrated)."""
+    result = getattr(strategy, "calibration_result", None)
+    if not result:
+        return None
+    return {k: v for k, v in result.items() if k != "curve"} | {"grid_size": len(result.get("curve", []))}
 
 
 def write_outputs(output_dir: str | Path, summary: dict[str, Any], columns: dict[str, torch.Tensor]) -> None:
@@ -126,6 +137,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"   (full model: {f(summary['full_accuracy'])}, oracle: {f(summary.get('oracle_accuracy'))} at mean layer "
         f"{f(summary.get('oracle_mean_exit_layer'), '.2f')})",
         f"  mean exit layer: {f(summary['mean_exit_layer'], '.2f')} / {summary['num_layers']}"
+        f"   layers computed: {f(summary.get('mean_layers_computed'), '.2f')}"
         f"   layer speed-up: {f(summary['layer_speedup'], '.2f')}x"
         + (f"   FLOPs speed-up: {f(summary['flops_speedup'], '.2f')}x" if summary.get("flops_speedup") else ""),
         f"  wall-clock: {f(summary['wall_time_s'], '.3f')} s   full model: {f(summary['full_wall_time_s'], '.3f')} s"
@@ -133,6 +145,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  retrieval: {f(summary['retrieval_time_s'], '.3f')} s ({f((summary['retrieval_share'] or 0) * 100, '.1f')}% "
         f"of wall-clock)   exits per layer: {summary['exit_layer_counts']}",
     ]
+    cal = summary.get("calibration")
+    if cal:
+        goal = (f"accuracy >= full - {cal['max_drop']:g}" if cal.get("target") == "accuracy"
+                else f"mean layers <= {cal.get('max_layer')}")
+        val = cal["validation"]
+        lines.append(f"  calibrated on {cal['split']} ({cal['num_examples']} examples, {goal}"
+                     f"{'' if cal['met'] else ', NOT met: most suitable setting used'}): {cal['knob']}={cal['value']:g}"
+                     f"   validation accuracy {val['accuracy']:.4f} (full {val['full_accuracy']:.4f}), "
+                     f"mean exit layer {val['mean_exit_layer']:.2f}, layers computed {val['mean_layers_computed']:.2f}")
     return "\n".join(lines)
 
 

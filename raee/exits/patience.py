@@ -13,18 +13,21 @@ from typing import Any
 
 import torch
 
+from raee.calibration.target import Calibrated
 from raee.exits.base import BatchContext, DynamicExit
 
 
-class PatienceExit(DynamicExit):
+class PatienceExit(Calibrated, DynamicExit):
     name = "patience"
+    knob = "patience"  # exit.target=... chooses it on the validation split
 
-    def __init__(self, patience: int = 2, min_layer: int = 1) -> None:
+    def __init__(self, patience: int = 2, min_layer: int = 1, **calibration: Any) -> None:
         self.patience = int(patience)
         self.min_layer = int(min_layer)
         if self.patience < 1:
             raise ValueError(f"exit.patience={patience} must be at least 1 (PABEE's t: exit once t+1 consecutive "
                              "layers agree)")
+        self.init_calibration(**calibration)
         self._prev: torch.Tensor | None = None
         self._count: torch.Tensor | None = None
 
@@ -35,7 +38,10 @@ class PatienceExit(DynamicExit):
                              f"could ever exit early; use 1..{num_layers}")
 
     def knobs(self) -> dict[str, Any]:
-        return {"patience": self.patience, "min_layer": self.min_layer}
+        return self.with_calibration_knobs({"patience": self.patience, "min_layer": self.min_layer})
+
+    def default_grid(self, num_layers: int, num_classes: int) -> list[float]:
+        return list(range(1, max(num_layers - self.min_layer, 1) + 1))
 
     def begin(self, ctx: BatchContext) -> None:
         self._prev = torch.full((ctx.batch_size,), -1, dtype=torch.long)

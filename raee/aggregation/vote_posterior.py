@@ -1,0 +1,30 @@
+"""Retrieval + confidence hybrid (exit=raee_dynamic): the head and the neighbours as two experts.
+
+posterior_l(c) ∝ p_l(c) * q(c)^weight, with p_l the example's own head distribution at layer l and q the
+neighbours' nearness-weighted, smoothed label distribution (:func:`~raee.aggregation.base.label_vote`);
+estimate(l) = posterior_l(ŷ_l), the combined belief in the head's prediction ŷ_l = argmax p_l. A confident
+head that its neighbours agree with leaves early; disagreement or doubt keeps the example running.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raee.aggregation.base import LayerRule, Neighbours, label_vote
+
+
+class VotePosterior(LayerRule):
+    def __init__(self, threshold: float = 0.8, weight: float = 1.0, smoothing: float = 1.0) -> None:
+        if float(weight) < 0:
+            raise ValueError(f"aggregator.weight={weight} must be >= 0 (0 ignores the neighbours: a max-probability rule)")
+        if float(smoothing) <= 0:
+            raise ValueError(f"aggregator.smoothing={smoothing} must be > 0 (keeps every class possible)")
+        self.threshold = float(threshold)
+        self.weight = float(weight)
+        self.smoothing = float(smoothing)
+
+    def estimate(self, layer: int, probs: torch.Tensor, nb: Neighbours) -> torch.Tensor:
+        vote = label_vote(nb, probs.shape[-1], self.smoothing).to(probs.device)  # (n, C), > 0 everywhere
+        log_post = probs.float().clamp(min=1e-12).log() + self.weight * vote.log()
+        posterior = torch.softmax(log_post, dim=-1)
+        return posterior.gather(1, probs.argmax(-1, keepdim=True)).squeeze(1)
