@@ -98,7 +98,7 @@ def build_summary(results: dict[str, Any], strategy: ExitStrategy, backbone: Lay
         "oracle_mean_exit_layer": oracle.get("mean_exit_layer") if oracle else None,
         "retrieval_time_s": results["retrieval_time_s"], "retrieval_share": results["retrieval_share"],
         "timings": results.get("timings", {}), "exit_layer_counts": results["exit_layer_counts"],
-        "calibration": calibration_summary(strategy),
+        "tuned_knob": getattr(strategy, "knob", None), "calibration": calibration_summary(strategy),
         "status": "ok", "version": raee.__version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}

@@ -14,7 +14,7 @@ from raee.aggregation.base import LayerRule, Neighbours, label_vote
 
 
 class VotePosterior(LayerRule):
-    def __init__(self, threshold: float = 0.8, weight: float = 1.0, smoothing: float = 1.0) -> None:
+    def __init__(self, threshold: float = 0.9, weight: float = 2.0, smoothing: float = 1.0) -> None:
         if float(weight) < 0:
             raise ValueError(f"aggregator.weight={weight} must be >= 0 (0 ignores the neighbours: a max-probability rule)")
         if float(smoothing) <= 0:
