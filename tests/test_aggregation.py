@@ -261,11 +261,12 @@ def test_label_vote_by_hand():
 
 def test_neighbour_vote_estimates_the_share_voting_for_the_layer_prediction():
     rule = NeighbourVote(threshold=0.5, smoothing=0.0)
+    summary = rule.summarize(NB, 2)
     # the head predicts class 0 (p = 0.9) or class 1: the vote for that class
-    assert rule.estimate(1, torch.tensor([[0.9, 0.1]]), NB).item() == pytest.approx(0.6)
-    assert rule.estimate(1, torch.tensor([[0.2, 0.8]]), NB).item() == pytest.approx(0.4)
+    assert rule.estimate(1, torch.tensor([[0.9, 0.1]]), summary).item() == pytest.approx(0.6)
+    assert rule.estimate(1, torch.tensor([[0.2, 0.8]]), summary).item() == pytest.approx(0.4)
     # the head's confidence does not matter, only its prediction
-    assert rule.estimate(0, torch.tensor([[0.51, 0.49]]), NB).item() == pytest.approx(0.6)
+    assert rule.estimate(0, torch.tensor([[0.51, 0.49]]), summary).item() == pytest.approx(0.6)
 
 
 def test_vote_posterior_by_hand():
@@ -275,9 +276,11 @@ def test_vote_posterior_by_hand():
     # vote (smoothing 1): [2/3.5, 1.5/3.5]; posterior(c) ∝ p(c) * vote(c)
     v0, v1 = 2.0 / 3.5, 1.5 / 3.5
     want = torch.tensor([0.7 * v0 / (0.7 * v0 + 0.3 * v1), 0.7 * v1 / (0.7 * v1 + 0.3 * v0)])
-    torch.testing.assert_close(VotePosterior(weight=1.0, smoothing=1.0).estimate(2, probs, nb2), want)
+    rule = VotePosterior(weight=1.0, smoothing=1.0)
+    torch.testing.assert_close(rule.estimate(2, probs, rule.summarize(nb2, 2)), want)
     # weight 0 ignores the neighbours: the head's own max probability
-    torch.testing.assert_close(VotePosterior(weight=0.0).estimate(2, probs, nb2), torch.tensor([0.7, 0.7]))
+    flat = VotePosterior(weight=0.0)
+    torch.testing.assert_close(flat.estimate(2, probs, flat.summarize(nb2, 2)), torch.tensor([0.7, 0.7]))
     with pytest.raises(ValueError, match="smoothing"):
         VotePosterior(smoothing=0.0)
 

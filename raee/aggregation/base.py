@@ -57,10 +57,6 @@ class Neighbours:
     labels: torch.Tensor  # (Q, k) long, -1 where invalid
     preds: torch.Tensor  # (Q, k, L+1) long, -1 where invalid
 
-    def select(self, rows: torch.Tensor) -> Neighbours:
-        """The neighbours of the queries ``rows`` ((n,) long or (Q,) bool)."""
-        return Neighbours(**{name: getattr(self, name)[rows] for name in self.__dataclass_fields__})
-
 
 def gather_neighbours(distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo) -> Neighbours:
     """distances (Q, k), ids (Q, k) (-1 = no hit) -> the neighbours' exit-table rows and validity mask.
@@ -151,7 +147,11 @@ class Aggregator(ABC):
 
 class LayerRule(ABC):
     """A per-layer exit rule (exit=raee_dynamic): the example leaves at the first layer where
-    :meth:`estimate`, the estimated probability that its prediction there is right, reaches ``threshold``."""
+    :meth:`estimate`, the estimated probability that its prediction there is right, reaches ``threshold``.
+
+    The neighbours are retrieved once per example; :meth:`summarize` keeps what the rule needs of them (computed
+    once), :meth:`estimate` combines it with the head's output at each layer (kept cheap: it runs every layer).
+    """
 
     #: the knob calibration tunes
     threshold: float = 0.5
@@ -161,6 +161,10 @@ class LayerRule(ABC):
         return probability_grid()
 
     @abstractmethod
-    def estimate(self, layer: int, probs: torch.Tensor, nb: Neighbours) -> torch.Tensor:
-        """probs (n, C): the example's own head distribution at ``layer``; nb: its neighbours (n rows) ->
-        (n,) estimated probability that the head's prediction at ``layer`` (argmax of probs) is right."""
+    def summarize(self, nb: Neighbours, num_classes: int) -> torch.Tensor:
+        """(Q, ...) what the rule keeps of each query's neighbours (e.g. their label vote (Q, C))."""
+
+    @abstractmethod
+    def estimate(self, layer: int, probs: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+        """probs (n, C): the example's own head distribution at ``layer``; summary: its rows of :meth:`summarize`
+        -> (n,) estimated probability that the head's prediction at ``layer`` (argmax of probs) is right."""

@@ -19,6 +19,8 @@ class NeighbourVote(LayerRule):
         self.threshold = float(threshold)
         self.smoothing = float(smoothing)
 
-    def estimate(self, layer: int, probs: torch.Tensor, nb: Neighbours) -> torch.Tensor:
-        vote = label_vote(nb, probs.shape[-1], self.smoothing).to(probs.device)  # (n, C)
-        return vote.gather(1, probs.argmax(-1, keepdim=True)).squeeze(1)
+    def summarize(self, nb: Neighbours, num_classes: int) -> torch.Tensor:
+        return label_vote(nb, num_classes, self.smoothing)  # (Q, C)
+
+    def estimate(self, layer: int, probs: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+        return summary.to(probs.device).gather(1, probs.argmax(-1, keepdim=True)).squeeze(1)

@@ -23,8 +23,10 @@ class VotePosterior(LayerRule):
         self.weight = float(weight)
         self.smoothing = float(smoothing)
 
-    def estimate(self, layer: int, probs: torch.Tensor, nb: Neighbours) -> torch.Tensor:
-        vote = label_vote(nb, probs.shape[-1], self.smoothing).to(probs.device)  # (n, C), > 0 everywhere
-        log_post = probs.float().clamp(min=1e-12).log() + self.weight * vote.log()
-        posterior = torch.softmax(log_post, dim=-1)
+    def summarize(self, nb: Neighbours, num_classes: int) -> torch.Tensor:
+        """(Q, C) weight x log of the neighbours' label vote (> 0 everywhere: smoothing > 0)."""
+        return self.weight * label_vote(nb, num_classes, self.smoothing).log()
+
+    def estimate(self, layer: int, probs: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+        posterior = torch.softmax(probs.float().clamp(min=1e-12).log() + summary.to(probs.device), dim=-1)
         return posterior.gather(1, probs.argmax(-1, keepdim=True)).squeeze(1)

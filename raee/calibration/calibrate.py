@@ -3,11 +3,14 @@
 Only the validation split is read (its loader and its examples); the test split is never touched,
 so a calibrated run's test numbers are an honest estimate. Results are cached as JSON under
 ``cache_dir/calibration/<content hash>`` (the hash covers the setup, the validation data, the
-strategy and its settings, the grid and the target); the validation tables under ``cache_dir/tables``.
+strategy, its rule's and its own source code, its settings, the grid and the target); the validation tables
+under ``cache_dir/tables``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,20 @@ def calibrate_on_tables(strategy: Any, tables: SplitTables) -> dict[str, Any]:
             "curve": curve}
 
 
+def code_fingerprint(strategy: Any) -> str:
+    """Hash of the source of the strategy's classes and its rule's: editing a rule invalidates its calibrations."""
+    classes = [c for c in type(strategy).__mro__ if c.__module__.startswith("raee.")]
+    rule = getattr(strategy, "aggregator", None)
+    classes += [c for c in type(rule).__mro__ if c.__module__.startswith("raee.")] if rule is not None else []
+    h = hashlib.sha256()
+    for cls in classes:
+        try:
+            h.update(inspect.getsource(cls).encode())
+        except (OSError, TypeError):  # no source (frozen install): the class name must do
+            h.update(cls.__qualname__.encode())
+    return h.hexdigest()[:16]
+
+
 def calibrate_on_validation(strategy: Any, backbone: Any, head: Any, datamodule: Any, cache_dir: Any = None,
                             progress: bool = True) -> dict[str, Any]:
     """:func:`calibrate_on_tables` on the validation split's tables, both cached under ``cache_dir``."""
@@ -65,7 +82,7 @@ def calibrate_on_validation(strategy: Any, backbone: Any, head: Any, datamodule:
     retrieval = strategy if callable(getattr(strategy, "neighbours", None)) else None
     description = {"tables": tables_key(backbone, head, datamodule, SPLIT, retrieval),
                    "strategy": f"{type(strategy).__module__}.{type(strategy).__qualname__}",
-                   "knobs": strategy.knobs(), "knob": strategy.knob,
+                   "code": code_fingerprint(strategy), "knobs": strategy.knobs(), "knob": strategy.knob,
                    "grid": list(strategy.calibration.grid or []), "target": strategy.calibration.describe()}
     key = fingerprint(description)
     path = Path(cache_dir) / "calibration" / f"{key}.json" if cache_dir is not None else None

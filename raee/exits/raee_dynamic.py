@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from raee.aggregation.base import LayerRule, gather_neighbours
-from raee.backbones.base import LayerState
+from raee.backbones.base import LayerState, LayerwiseBackbone
 from raee.exits.base import BatchContext, DynamicExit
 from raee.exits.raee_exit import RetrievalExit, add_time
 
@@ -37,9 +37,9 @@ class RaeeDynamicExit(RetrievalExit, DynamicExit):
                          rebuild=rebuild, **calibration)
         # no decision before the neighbours are known
         self.min_layer = self.plan_layer if min_layer is None else int(min_layer)
-        self._rows: torch.Tensor | None = None  # (B,) row of each batch position in the neighbour tables
-        self._distances: torch.Tensor | None = None  # (B, k)
-        self._ids: torch.Tensor | None = None  # (B, k)
+        self.num_classes: int | None = None  # the head's, set by fit/prepare
+        self._rows: torch.Tensor | None = None  # (B,) row of each batch position in the summaries
+        self._summary: torch.Tensor | None = None  # (n, ...) the rule's summary of each example's neighbours
 
     def validate(self, num_layers: int) -> None:
         super().validate(num_layers)
@@ -51,31 +51,44 @@ class RaeeDynamicExit(RetrievalExit, DynamicExit):
     def knobs(self) -> dict[str, Any]:
         return {**super().knobs(), "min_layer": self.min_layer}
 
+    def fit(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any, cache_dir: Any = None,
+            progress: bool = True) -> None:
+        self.num_classes = head.num_classes  # calibration (inside fit) summarises neighbours per class
+        super().fit(backbone, head, datamodule, cache_dir=cache_dir, progress=progress)
+
+    def prepare(self, backbone: LayerwiseBackbone, head: Any) -> None:
+        self.num_classes = head.num_classes
+        super().prepare(backbone, head)
+
     # ------------------------------------------------------------------ per batch
     def begin(self, ctx: BatchContext) -> None:
-        self._rows = self._distances = self._ids = None
+        self._rows = self._summary = None
 
     def remember_neighbours(self, distances: torch.Tensor, ids: torch.Tensor, active: torch.Tensor) -> None:
-        """The neighbours (n, k) of the examples at batch positions ``active`` (n,) (the replay of
-        :mod:`raee.calibration.simulate` hands over stored ones)."""
+        """The neighbours (n, k) of the examples at batch positions ``active`` (n,), summarised once by the rule
+        (the replay of :mod:`raee.calibration.simulate` hands over stored ones)."""
+        if self.num_classes is None:
+            raise RuntimeError("raee_dynamic does not know the number of classes: call fit() or prepare() first")
         rows = torch.full((int(active.max()) + 1 if len(active) else 0,), -1, dtype=torch.long)
         rows[active.cpu()] = torch.arange(len(active))
-        self._rows, self._distances, self._ids = rows, distances, ids
+        nb = gather_neighbours(distances, ids, self.db.info)
+        self._rows, self._summary = rows, self.aggregator.summarize(nb, self.num_classes)
 
     def observe(self, state: LayerState, active: torch.Tensor, ctx: BatchContext) -> None:
         if state.layer != self.plan_layer:
             return
         distances, ids = self.neighbours(state, ctx.texts if len(active) == ctx.batch_size
                                          else [ctx.texts[i] for i in active.tolist()], ctx.timings)
+        start = time.perf_counter()
         self.remember_neighbours(distances, ids, active)
+        add_time(ctx.timings, "retrieval_aggregate", time.perf_counter() - start)
 
     def should_exit(self, layer: int, logits: torch.Tensor, active: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         if self._rows is None:
             raise RuntimeError("raee_dynamic decided before retrieving: the exit loop must call observe() at the "
                                "key layer first")
         start = time.perf_counter()
-        rows = self._rows[active.cpu()]
-        nb = gather_neighbours(self._distances[rows], self._ids[rows], self.db.info)
-        estimate = self.aggregator.estimate(layer, torch.softmax(logits.float(), -1).cpu(), nb)
+        summary = self._summary[self._rows[active.cpu()]]
+        estimate = self.aggregator.estimate(layer, torch.softmax(logits.float(), -1).cpu(), summary)
         add_time(ctx.timings, "retrieval_aggregate", time.perf_counter() - start)
         return (estimate >= self.aggregator.threshold).to(logits.device)
