@@ -48,6 +48,24 @@ def test_union_of_products_with_shared_params_and_command_line():
     assert [len(b) for b in sweeper.split_arguments([], 2)] == [2, 1]
 
 
+def compose_jobs(experiment: str, all_jobs: list[list[str]]):
+    """Each job's composed config. Hydra composes once per choice of config groups (the slow part); a job's
+    dotted values (exit.threshold=0.3) are then set on a copy, as its overrides would."""
+    import yaml
+
+    composed = {}
+    for job in all_jobs:
+        groups = tuple(sorted(o for o in job if "." not in o.split("=")[0]))
+        if groups not in composed:
+            composed[groups] = compose(config_name="config", overrides=[f"+experiment={experiment}", *groups])
+        cfg = composed[groups].copy()
+        for item in job:
+            key, value = item.split("=", 1)
+            if "." in key:
+                OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
+        yield job, cfg
+
+
 @pytest.mark.parametrize("experiment,size,calibrated", [("pareto", (40, 70), 14), ("pareto_keys", (10, 10), 8)])
 def test_every_job_of_the_pareto_experiments_composes_and_builds_its_exit(experiment, size, calibrated):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -57,16 +75,16 @@ def test_every_job_of_the_pareto_experiments_composes_and_builds_its_exit(experi
         all_jobs = jobs(OmegaConf.to_container(sweeper.params), OmegaConf.to_container(sweeper.sweeps))
         assert size[0] <= len(all_jobs) <= size[1], "keep the sweep sized for ~30 minutes on 2 cores"
         methods, count = set(), 0
-        for job in all_jobs:
-            job_cfg = compose(config_name="config", overrides=[f"+experiment={experiment}", *job])
+        for job, job_cfg in compose_jobs(experiment, all_jobs):
             exit_cfg = OmegaConf.to_container(job_cfg.exit, resolve=True)
             if "key_encoder" in exit_cfg:  # no model load here: the key encoder is checked by its type only
                 assert exit_cfg["key_encoder"]["_target_"].startswith("raee.keys.")
                 exit_cfg["key_encoder"] = {"_target_": "raee.keys.BackboneKeys"}
             strategy = instantiate(exit_cfg)
+            strategy.validate(6)
             methods.add(strategy.name)
             count += bool(getattr(getattr(strategy, "calibration", None), "active", False))
-            assert job_cfg.compare_oracle is False
+            assert job_cfg.compare_oracle is False, job
     assert count == calibrated
     if experiment == "pareto":
         assert methods == {"full", "oracle", "entropy", "patience", "raee", "raee_dynamic"}
