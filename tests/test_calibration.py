@@ -233,3 +233,21 @@ def test_calibration_is_cached_by_content(tiny, tmp_path, monkeypatch):
     third.init_calibration(target="accuracy")
     third.fit(bb, head, dm, cache_dir=tmp_path, progress=False)
     assert not third.calibration_result["cached"]
+
+
+def test_rule_kinds_and_layers_are_checked_with_clear_errors():
+    with pytest.raises(ValueError, match="per-layer rule.*exit=raee_dynamic"):
+        RaeeExit(BackboneKeys(), TorchExactRetriever(), VotePosterior()).validate(4)
+    with pytest.raises(ValueError, match="needs a per-layer rule.*exit=raee"):
+        RaeeDynamicExit(BackboneKeys(), TorchExactRetriever(), RobustAggregator())
+    with pytest.raises(ValueError, match="min_layer=0 is below key_encoder.layer=2"):
+        RaeeDynamicExit(BackboneKeys(layer=2), TorchExactRetriever(), VotePosterior(), min_layer=0).validate(4)
+    assert RaeeDynamicExit(BackboneKeys(layer=2), TorchExactRetriever(), VotePosterior()).min_layer == 2
+    with pytest.raises(ValueError, match="no default grid"):
+        calibrate_on_tables(RaeeExit(BackboneKeys(), TorchExactRetriever(), _NoGrid(), target="accuracy"),
+                            synthetic_validation())
+
+
+class _NoGrid(RobustAggregator):
+    def grid(self, num_layers, num_classes):
+        return []

@@ -153,14 +153,17 @@ class RaeeExit(RetrievalExit, PlannedExit):
 
     def __init__(self, key_encoder: Any, retriever: Any, aggregator: Any, k: int = 12, database: str | None = None,
                  fraction: float = 1.0, seed: int = 42, rebuild: bool = False, **calibration: Any) -> None:
-        from raee.aggregation.base import LayerRule
-
-        if isinstance(aggregator, LayerRule):
-            raise ValueError(f"aggregator {type(aggregator).__name__} is a per-layer rule (it reads the head's output "
-                             "at every layer): use it with exit=raee_dynamic")
         super().__init__(key_encoder, retriever, aggregator, k=k, database=database, fraction=fraction, seed=seed,
                          rebuild=rebuild, **calibration)
         self.last: dict[str, torch.Tensor] = {}  # neighbours and distribution of the last batch (notebooks)
+
+    def validate(self, num_layers: int) -> None:
+        from raee.aggregation.base import LayerRule
+
+        super().validate(num_layers)
+        if isinstance(self.aggregator, LayerRule):  # checked here, not in __init__: build_db takes any aggregator
+            raise ValueError(f"aggregator {type(self.aggregator).__name__} is a per-layer rule (it reads the head's "
+                             "output at every layer): use it with exit=raee_dynamic")
 
     def decide(self, distances: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Neighbours (Q, k) -> (exit layers (Q,), distribution over layers (Q, L+1)) by the aggregation rule."""
