@@ -11,7 +11,12 @@ repeats, after a warm-up), and:
 - wall speed-up  = full model time / strategy time,
 - ratio          = wall speed-up / layer speed-up (1.0 = the saved layers turn fully into saved time),
 - floor          = full model time / time of exiting everyone at layer 0 (embeddings + one head call):
-                   the most any exit strategy can gain on this data, whatever its layer speed-up.
+                   the most any exit strategy can gain on this data, whatever its layer speed-up,
+- cap            = the ratio an exit with no overhead at all would reach: its layers at the full model's cost
+                   per layer plus the floor for everyone, 1 / (1 + layer x / floor x). Layer counting calls the
+                   embeddings and the head free, so when most examples leave at layer 0 this is below 1,
+- tok x          = layer speed-up with every example weighted by its token count (long examples cost more per
+                   layer; tok x below layer x: the long ones run deeper).
 
     python experiments/benchmark_raee.py                                  # calibrated raee_dynamic
     python experiments/benchmark_raee.py exit=raee                        # the paper's rule (robust)
@@ -43,7 +48,8 @@ DEFAULT_EXIT = ["exit=raee_dynamic", "exit.target=accuracy", "exit.max_drop=0.0"
 
 def time_once(backbone, head, strategy, batches) -> dict[str, float]:
     """Summed per-phase seconds of one pass of ``strategy`` over ``batches``, its exits and layers computed."""
-    phase = {"total": 0.0, "exit_layers": 0.0, "layers_computed": 0.0}
+    phase = {"total": 0.0, "exit_layers": 0.0, "layers_computed": 0.0, "token_layers": 0.0}
+    key_layer = getattr(strategy, "plan_layer", 0)  # layers run before planning count for everyone
     for inputs, make_ctx in batches:
         ctx = make_ctx()
         backbone.reset_counters()
@@ -58,6 +64,8 @@ def time_once(backbone, head, strategy, batches) -> dict[str, float]:
             phase[key] = phase.get(key, 0.0) + value
         phase["exit_layers"] += float(result.exit_layers.float().sum())
         phase["layers_computed"] += float(sum(backbone.layer_examples))
+        lengths = inputs["attention_mask"].sum(1).cpu()
+        phase["token_layers"] += float((lengths * result.exit_layers.clamp(min=key_layer)).sum())
     return phase
 
 
@@ -72,6 +80,12 @@ def time_interleaved(backbone, head, strategies: dict, batches, repeats: int) ->
             for key, value in time_once(backbone, head, strategy, batches).items():
                 samples[name].setdefault(key, []).append(value)
     return {name: {k: statistics.median(v) for k, v in phases.items()} for name, phases in samples.items()}
+
+
+def floor_cap(layer_speedup: float, floor_speedup: float) -> float:
+    """Wall / layer speed-up of an exit with no overhead: its layers cost their share of the full model and every
+    example pays the layer-0 floor (embeddings + head), so wall = 1 / (1 / layer_speedup + 1 / floor_speedup)."""
+    return 1.0 / (1.0 + layer_speedup / floor_speedup)
 
 
 def describe(strategy) -> str:
@@ -91,7 +105,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=128, help="test examples timed per batch size")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options may come after the Hydra overrides
 
     exit_given = any(o.split("=")[0].lstrip("+") == "exit" for o in args.overrides)
     overrides = ["logger=none", *([] if exit_given else DEFAULT_EXIT), *args.overrides]
@@ -114,12 +128,14 @@ def main() -> None:
           f"timed examples={n}  repeats={args.repeats}  threads={torch.get_num_threads()}")
     print(describe(strategy))
     print(f"{'batch':>5} {'keys ms/b':>9} {'search ms/b':>11} {'aggr ms/b':>9} {'rest ms/b':>9} {'full ms/b':>9} "
-          f"{'retr. %':>7} {'exit':>5} {'layers':>6} {'layer x':>7} {'wall x':>6} {'ratio':>5} {'floor x':>7}")
+          f"{'retr. %':>7} {'exit':>5} {'layers':>6} {'layer x':>7} {'wall x':>6} {'ratio':>5} {'floor x':>7} {'cap':>5} "
+          f"{'tok x':>6}")
     for bs in args.batch_sizes:
-        batches = []
+        batches, tokens = [], 0
         for start in range(0, n, bs):
             chunk = texts[start:start + bs]
             inputs = encode_batch(backbone, head, {"text": chunk, "text_pair": None})
+            tokens += int(inputs["attention_mask"].sum())
             batches.append((inputs, lambda c=chunk: BatchContext(num_layers=L, batch_size=len(c), texts=c)))
         timed = time_interleaved(backbone, head, {"strategy": strategy, "full": FullModel(), "floor": floor},
                                  batches, args.repeats)
@@ -129,10 +145,13 @@ def main() -> None:
         computed = r["layers_computed"] / n
         layer_x = L / computed if computed > 0 else float("inf")
         wall_x = f["total"] / r["total"]
+        floor_x = f["total"] / timed["floor"]["total"]
+        tok_x = L * tokens / r["token_layers"] if r["token_layers"] > 0 else float("inf")
         print(f"{bs:>5} {1e3 * keys / nb:>9.3f} {1e3 * search / nb:>11.3f} {1e3 * aggr / nb:>9.3f} "
               f"{1e3 * (r['total'] - keys - search - aggr) / nb:>9.2f} {1e3 * f['total'] / nb:>9.2f} "
               f"{100 * (keys + search + aggr) / r['total']:>6.1f}% {r['exit_layers'] / n:>5.2f} {computed:>6.2f} "
-              f"{layer_x:>6.2f}x {wall_x:>5.2f}x {wall_x / layer_x:>5.2f} {f['total'] / timed['floor']['total']:>6.2f}x")
+              f"{layer_x:>6.2f}x {wall_x:>5.2f}x {wall_x / layer_x:>5.2f} {floor_x:>6.2f}x "
+              f"{floor_cap(layer_x, floor_x):>5.2f} {tok_x:>5.2f}x")
 
 
 if __name__ == "__main__":
