@@ -1,11 +1,27 @@
-"""Benchmark (not a test): where RAEE's time goes, per batch, at batch sizes 1 and 32.
+"""Benchmark (not a test): where an exit strategy's time goes, and whether its wall-clock speed-up keeps up with
+its layer speed-up, at batch sizes 1 and 32.
 
-Prints, for the default setup (or Hydra overrides given as arguments), the time per batch of
-key encoding, search, aggregation and the backbone, and RAEE's wall-clock speed-up against the
-full model measured in the same process on the same examples after a warm-up.
+For the configured exit (default: RAEE's retrieval + confidence hybrid, exit=raee_dynamic, calibrated on the
+validation split with exit.target=accuracy exit.max_drop=0), on the first test examples, it prints per batch
+the time of key encoding, search and aggregation, the rest (backbone and head), the full model's time
+measured in the same process on the same examples (strategies alternate within every repeat, median of the
+repeats, after a warm-up), and:
 
-    python experiments/benchmark_raee.py                      # default: minilm + prototype + bbcnews
-    python experiments/benchmark_raee.py retriever=faiss_hnsw key_encoder=sentence --examples 128
+- layer speed-up = L / mean layers computed (the key's layers count for every example),
+- wall speed-up  = full model time / strategy time,
+- ratio          = wall speed-up / layer speed-up (1.0 = the saved layers turn fully into saved time),
+- floor          = full model time / time of exiting everyone at layer 0 (embeddings + one head call):
+                   the most any exit strategy can gain on this data, whatever its layer speed-up,
+- cap            = the ratio an exit with no overhead at all would reach: its layers at the full model's cost
+                   per layer plus the floor for everyone, 1 / (1 + layer x / floor x). Layer counting calls the
+                   embeddings and the head free, so when most examples leave at layer 0 this is below 1,
+- tok x          = layer speed-up with every example weighted by its token count (long examples cost more per
+                   layer; tok x below layer x: the long ones run deeper).
+
+    python experiments/benchmark_raee.py                                  # calibrated raee_dynamic
+    python experiments/benchmark_raee.py exit=raee                        # the paper's rule (robust)
+    python experiments/benchmark_raee.py exit=entropy exit.target=accuracy --examples 256
+    python experiments/benchmark_raee.py data=rotten_tomatoes retriever=faiss_hnsw key_encoder=sentence
 """
 
 from __future__ import annotations
@@ -22,17 +38,21 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from raee.exit_loop import run_early_exit  # noqa: E402
-from raee.exits import BatchContext, FullModel  # noqa: E402
+from raee.exits import BatchContext, FixedLayer, FullModel  # noqa: E402
 from raee.experiment import prepare_head  # noqa: E402
 from raee.features import encode_batch  # noqa: E402
 from raee.run import CONF_DIR  # noqa: E402
 
+DEFAULT_EXIT = ["exit=raee_dynamic", "exit.target=accuracy", "exit.max_drop=0.0"]
+
 
 def time_once(backbone, head, strategy, batches) -> dict[str, float]:
-    """Summed per-phase seconds of one pass of ``strategy`` over ``batches``."""
-    phase = {"total": 0.0}
+    """Summed per-phase seconds of one pass of ``strategy`` over ``batches``, its exits and layers computed."""
+    phase = {"total": 0.0, "exit_layers": 0.0, "layers_computed": 0.0, "token_layers": 0.0}
+    key_layer = getattr(strategy, "plan_layer", 0)  # layers run before planning count for everyone
     for inputs, make_ctx in batches:
         ctx = make_ctx()
+        backbone.reset_counters()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -42,7 +62,10 @@ def time_once(backbone, head, strategy, batches) -> dict[str, float]:
         phase["total"] += time.perf_counter() - start
         for key, value in ctx.timings.items():
             phase[key] = phase.get(key, 0.0) + value
-        phase["mean_exit_layer"] = phase.get("mean_exit_layer", 0.0) + float(result.exit_layers.float().sum())
+        phase["exit_layers"] += float(result.exit_layers.float().sum())
+        phase["layers_computed"] += float(sum(backbone.layer_examples))
+        lengths = inputs["attention_mask"].sum(1).cpu()
+        phase["token_layers"] += float((lengths * result.exit_layers.clamp(min=key_layer)).sum())
     return phase
 
 
@@ -59,47 +82,76 @@ def time_interleaved(backbone, head, strategies: dict, batches, repeats: int) ->
     return {name: {k: statistics.median(v) for k, v in phases.items()} for name, phases in samples.items()}
 
 
+def floor_cap(layer_speedup: float, floor_speedup: float) -> float:
+    """Wall / layer speed-up of an exit with no overhead: its layers cost their share of the full model and every
+    example pays the layer-0 floor (embeddings + head), so wall = 1 / (1 / layer_speedup + 1 / floor_speedup)."""
+    return 1.0 / (1.0 + layer_speedup / floor_speedup)
+
+
+def describe(strategy) -> str:
+    result = getattr(strategy, "calibration_result", None)
+    text = f"exit={strategy.name} {strategy.knobs()}"
+    if result:
+        val = result["validation"]
+        text += (f"\ncalibrated on validation ({result['num_examples']} examples): {result['knob']}={result['value']:g}"
+                 f", validation accuracy {val['accuracy']:.4f} (full {val['full_accuracy']:.4f}), layers computed "
+                 f"{val['mean_layers_computed']:.2f}{'' if result['met'] else ' (target NOT met)'}")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. retriever=faiss_hnsw")
-    parser.add_argument("--examples", type=int, default=64, help="test examples timed per batch size")
+    parser.add_argument("overrides", nargs="*", help=f"Hydra overrides (default exit: {' '.join(DEFAULT_EXIT)})")
+    parser.add_argument("--examples", type=int, default=128, help="test examples timed per batch size")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options may come after the Hydra overrides
 
+    exit_given = any(o.split("=")[0].lstrip("+") == "exit" for o in args.overrides)
+    overrides = ["logger=none", *([] if exit_given else DEFAULT_EXIT), *args.overrides]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["exit=raee", "logger=none", *args.overrides])
+        cfg = compose(config_name="config", overrides=overrides)
     torch.manual_seed(cfg.seed)
     backbone, head, dm = instantiate(cfg.backbone), instantiate(cfg.head), instantiate(cfg.data)
-    raee_exit = instantiate(cfg.exit)
+    strategy = instantiate(cfg.exit)
     dm.setup("test")
     prepare_head(backbone, head, dm, cache_dir=cfg.paths.cache_dir)
-    raee_exit.fit(backbone, head, dm, cache_dir=cfg.paths.cache_dir)
-    raee_exit.prepare(backbone, head)
+    strategy.fit(backbone, head, dm, cache_dir=cfg.paths.cache_dir)  # database and calibration (validation only)
+    strategy.prepare(backbone, head)
+    floor = FixedLayer(0)
+    floor.prepare(backbone, head)
     test = dm.split("test")
     n = min(args.examples, len(test))
     texts = [test[i]["text"] for i in range(n)]
-    print(f"backbone={backbone.name} ({backbone.num_layers} layers)  head={head.describe()['type']}  "
-          f"key_encoder={raee_exit.key_encoder.describe()['type']}  retriever={type(raee_exit.retriever).__name__}"
-          f"  database={raee_exit.db.size} examples  timed examples={n}  threads={torch.get_num_threads()}")
-    header = f"{'batch':>5} {'keys ms/b':>10} {'search ms/b':>11} {'aggr ms/b':>10} {'backbone ms/b':>13} " \
-             f"{'full ms/b':>10} {'retrieval %':>11} {'mean exit':>9} {'speed-up':>8}"
-    print(header)
+    L = backbone.num_layers
+    print(f"backbone={backbone.name} ({L} layers)  head={head.describe()['type']}  data={dm.name}  "
+          f"timed examples={n}  repeats={args.repeats}  threads={torch.get_num_threads()}")
+    print(describe(strategy))
+    print(f"{'batch':>5} {'keys ms/b':>9} {'search ms/b':>11} {'aggr ms/b':>9} {'rest ms/b':>9} {'full ms/b':>9} "
+          f"{'retr. %':>7} {'exit':>5} {'layers':>6} {'layer x':>7} {'wall x':>6} {'ratio':>5} {'floor x':>7} {'cap':>5} "
+          f"{'tok x':>6}")
     for bs in args.batch_sizes:
-        batches = []
+        batches, tokens = [], 0
         for start in range(0, n, bs):
             chunk = texts[start:start + bs]
             inputs = encode_batch(backbone, head, {"text": chunk, "text_pair": None})
-            batches.append((inputs, lambda c=chunk: BatchContext(num_layers=backbone.num_layers, batch_size=len(c),
-                                                                 texts=c)))
-        timed = time_interleaved(backbone, head, {"raee": raee_exit, "full": FullModel()}, batches, args.repeats)
-        r, f = timed["raee"], timed["full"]
+            tokens += int(inputs["attention_mask"].sum())
+            batches.append((inputs, lambda c=chunk: BatchContext(num_layers=L, batch_size=len(c), texts=c)))
+        timed = time_interleaved(backbone, head, {"strategy": strategy, "full": FullModel(), "floor": floor},
+                                 batches, args.repeats)
+        r, f = timed["strategy"], timed["full"]
         nb = len(batches)
-        retrieval = r.get("retrieval_keys", 0) + r.get("retrieval_search", 0) + r.get("retrieval_aggregate", 0)
-        print(f"{bs:>5} {1e3 * r.get('retrieval_keys', 0) / nb:>10.3f} {1e3 * r.get('retrieval_search', 0) / nb:>11.3f} "
-              f"{1e3 * r.get('retrieval_aggregate', 0) / nb:>10.3f} {1e3 * (r['total'] - retrieval) / nb:>13.2f} "
-              f"{1e3 * f['total'] / nb:>10.2f} {100 * retrieval / r['total']:>10.1f}% "
-              f"{r['mean_exit_layer'] / n:>9.2f} {f['total'] / r['total']:>7.2f}x")
+        keys, search, aggr = (r.get(f"retrieval_{k}", 0.0) for k in ("keys", "search", "aggregate"))
+        computed = r["layers_computed"] / n
+        layer_x = L / computed if computed > 0 else float("inf")
+        wall_x = f["total"] / r["total"]
+        floor_x = f["total"] / timed["floor"]["total"]
+        tok_x = L * tokens / r["token_layers"] if r["token_layers"] > 0 else float("inf")
+        print(f"{bs:>5} {1e3 * keys / nb:>9.3f} {1e3 * search / nb:>11.3f} {1e3 * aggr / nb:>9.3f} "
+              f"{1e3 * (r['total'] - keys - search - aggr) / nb:>9.2f} {1e3 * f['total'] / nb:>9.2f} "
+              f"{100 * (keys + search + aggr) / r['total']:>6.1f}% {r['exit_layers'] / n:>5.2f} {computed:>6.2f} "
+              f"{layer_x:>6.2f}x {wall_x:>5.2f}x {wall_x / layer_x:>5.2f} {floor_x:>6.2f}x "
+              f"{floor_cap(layer_x, floor_x):>5.2f} {tok_x:>5.2f}x")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ def run_early_exit(backbone: LayerwiseBackbone, head: torch.nn.Module, strategy:
                         active[leaving], layer, logits_out, exit_layers)
         else:
             assert isinstance(strategy, DynamicExit)
+            strategy.observe(state, active, ctx)
             if layer < strategy.min_layer:
                 continue
             logits = head(state)

@@ -168,6 +168,8 @@ def build_summary(results: dict[str, Any], strategy: ExitStrategy, backbone: Lay
         "accuracy": results.get("accuracy"), "macro_f1": results.get("macro_f1"), "mcc": results.get("mcc"),
         "pearson": results.get("pearson"), "spearman": results.get("spearman"), "mse": results.get("mse"),
         "mean_exit_layer": results["mean_exit_layer"], "layer_speedup": results["layer_speedup"],
+        "mean_layers_computed": results.get("mean_layers_computed"),
+        "computed_layer_speedup": results.get("computed_layer_speedup"),
         "layers_saved": results["layers_saved"], "flops_speedup": results.get("flops_speedup"),
         "wall_time_s": results["wall_time_s"], "throughput": results["throughput"],
         "full_wall_time_s": full_time,
@@ -180,6 +182,7 @@ def build_summary(results: dict[str, Any], strategy: ExitStrategy, backbone: Lay
         "budget": training_budget(strategy, head),
         "retrieval_time_s": results["retrieval_time_s"], "retrieval_share": results["retrieval_share"],
         "timings": results.get("timings", {}), "exit_layer_counts": results["exit_layer_counts"],
+        "tuned_knob": getattr(strategy, "knob", None), "calibration": calibration_summary(strategy),
         "status": "ok", "version": raee.__version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
@@ -193,6 +196,14 @@ def training_budget(strategy: ExitStrategy, head: Head) -> dict[str, Any] | None
         if callable(budget) and budget() is not None:
             return budget()
     return None
+
+
+def calibration_summary(strategy: ExitStrategy) -> dict[str, Any] | None:
+    """What calibration chose on the validation split (None when the strategy was not calibrated)."""
+    result = getattr(strategy, "calibration_result", None)
+    if not result:
+        return None
+    return {k: v for k, v in result.items() if k != "curve"} | {"grid_size": len(result.get("curve", []))}
 
 
 def write_outputs(output_dir: str | Path, summary: dict[str, Any], columns: dict[str, torch.Tensor]) -> None:
@@ -224,6 +235,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"   (full model: {f(summary['full_accuracy'])}, oracle: {f(summary.get('oracle_accuracy'))} at mean layer "
         f"{f(summary.get('oracle_mean_exit_layer'), '.2f')})",
         f"  mean exit layer: {f(summary['mean_exit_layer'], '.2f')} / {summary['num_layers']}"
+        f"   layers computed: {f(summary.get('mean_layers_computed'), '.2f')}"
         f"   layer speed-up: {f(summary['layer_speedup'], '.2f')}x"
         + (f"   FLOPs speed-up: {f(summary['flops_speedup'], '.2f')}x" if summary.get("flops_speedup") else ""),
         f"  wall-clock: {f(summary['wall_time_s'], '.3f')} s   full model: {f(summary['full_wall_time_s'], '.3f')} s"
@@ -235,6 +247,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         b = summary["budget"]
         lines.append(f"  fine-tuned by {b['by']}: {b['epochs']} epochs, {b['steps']} steps, lr {b['lr']:g} "
                      f"(classifier {b['head_lr']:g}), seed {b['seed']}")
+    cal = summary.get("calibration")
+    if cal:
+        goal = (f"accuracy >= full - {cal['max_drop']:g}" if cal.get("target") == "accuracy"
+                else f"mean layers <= {cal.get('max_layer')}")
+        val = cal["validation"]
+        lines.append(f"  calibrated on {cal['split']} ({cal['num_examples']} examples, {goal}"
+                     f"{'' if cal['met'] else ', NOT met: most suitable setting used'}): {cal['knob']}={cal['value']:g}"
+                     f"   validation accuracy {val['accuracy']:.4f} (full {val['full_accuracy']:.4f}), "
+                     f"mean exit layer {val['mean_exit_layer']:.2f}, layers computed {val['mean_layers_computed']:.2f}")
     return "\n".join(lines)
 
 

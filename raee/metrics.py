@@ -40,3 +40,11 @@ def exit_statistics(exit_layers: torch.Tensor, num_layers: int) -> dict[str, Any
         "layers_saved": 1.0 - mean / num_layers,
         "exit_layer_counts": torch.bincount(exit_layers.long(), minlength=num_layers + 1).tolist(),
     }
+
+
+def computed_layer_statistics(layer_examples: list[int], num_examples: int, num_layers: int) -> dict[str, Any]:
+    """From the backbone's per-layer example counts (layer_examples[l] = examples layer l ran on):
+    the mean number of layers computed per example (a planned strategy runs the layers before its
+    key layer for every example, whatever its exit) and L / that mean."""
+    mean = sum(layer_examples) / num_examples if num_examples else float("nan")
+    return {"mean_layers_computed": mean, "computed_layer_speedup": (num_layers / mean) if mean > 0 else None}

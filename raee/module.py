@@ -17,7 +17,7 @@ from raee.exit_loop import ExitResult, run_early_exit
 from raee.exits.base import BatchContext, ExitStrategy
 from raee.features import encode_batch
 from raee.heads.base import Head
-from raee.metrics import exit_statistics, task_metrics
+from raee.metrics import computed_layer_statistics, exit_statistics, task_metrics
 
 
 class EarlyExitModule(L.LightningModule):
@@ -103,6 +103,7 @@ class EarlyExitModule(L.LightningModule):
         out.update(task_metrics(cols["prediction"], cols["label"], self.head.num_classes,
                                 regression=getattr(self.head, "regression", False)))
         out.update(exit_statistics(cols["exit_layer"], self.backbone.num_layers))
+        out.update(computed_layer_statistics(self.backbone.layer_examples, n, self.backbone.num_layers))
         retrieval = sum(v for k, v in self.timings.items() if k.startswith("retrieval"))
         out.update({"wall_time_s": self.wall_time_s, "throughput": n / self.wall_time_s if self.wall_time_s else None,
                     "retrieval_time_s": retrieval,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from raee.aggregation import (ConfidenceThreshold, CorrectLayerVote, EarliestCorrectVote, ExitInfo,
-                              RobustAggregator, SimilarityWeightedVote)
+                              NeighbourCorrectness, NeighbourVote, RobustAggregator, SimilarityWeightedVote,
+                              VotePosterior, gather_neighbours, label_vote)
 
 # 4 database examples, L = 3 (layers 0..3). correct[i, l] and probs[i, l] chosen by hand.
 CORRECT = torch.tensor([
@@ -187,7 +188,7 @@ def test_confidence_keeps_the_base_distribution_and_confident_choices():
 
 
 @pytest.mark.parametrize("rule", [RobustAggregator(), RobustAggregator(0.5, 1), CorrectLayerVote(),
-                                  EarliestCorrectVote(), SimilarityWeightedVote(0.05),
+                                  EarliestCorrectVote(), SimilarityWeightedVote(0.05), NeighbourCorrectness(0.5),
                                   ConfidenceThreshold(SimilarityWeightedVote(0.05), 0.3)])
 def test_batched_choice_equals_one_query_at_a_time(rule):
     """Vectorised over queries: a batch gives what each query gives alone (random tables, -1 hits)."""
@@ -238,3 +239,76 @@ def test_aggregator_configs_instantiate():
         assert type(instantiate(OmegaConf.load(conf / f"{name}.yaml"))) is cls
     confidence = instantiate(OmegaConf.load(conf / "confidence.yaml"))
     assert isinstance(confidence.base, RobustAggregator)
+
+
+# ------------------------------------------------------------------ rules that estimate P(right at layer l)
+# 3 database examples with labels 0, 0, 1 (two classes); per-layer tables for L = 2
+LABELLED = ExitInfo(preds=torch.tensor([[1, 0, 0], [0, 0, 0], [0, 1, 1]]),
+                    probs=torch.tensor([[0.6, 0.7, 0.9], [0.8, 0.9, 0.9], [0.6, 0.7, 0.8]]),
+                    correct=torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1]], dtype=torch.bool),
+                    labels=torch.tensor([0, 0, 1]))
+# one query; distances 0.1, 0.2, 0.1 -> nearness weights 1, 0.5, 1 -> label votes 1.5 (class 0), 1 (class 1)
+NB = gather_neighbours(torch.tensor([[0.1, 0.2, 0.1]]), torch.tensor([[0, 1, 2]]), LABELLED)
+
+
+def test_label_vote_by_hand():
+    torch.testing.assert_close(label_vote(NB, 2, smoothing=0.0), torch.tensor([[0.6, 0.4]]))
+    torch.testing.assert_close(label_vote(NB, 2, smoothing=1.0), torch.tensor([[2.0 / 3.5, 1.5 / 3.5]]))
+    # invalid neighbours vote nothing; with none valid the vote is uniform
+    none = gather_neighbours(torch.tensor([[0.1, 0.2]]), torch.tensor([[-1, -1]]), LABELLED)
+    torch.testing.assert_close(label_vote(none, 2, smoothing=0.0), torch.tensor([[0.5, 0.5]]))
+
+
+def test_neighbour_vote_estimates_the_share_voting_for_the_layer_prediction():
+    rule = NeighbourVote(threshold=0.5, smoothing=0.0)
+    summary = rule.summarize(NB, 2)
+    # the head predicts class 0 (p = 0.9) or class 1: the vote for that class
+    assert rule.estimate(1, torch.tensor([[0.9, 0.1]]), summary).item() == pytest.approx(0.6)
+    assert rule.estimate(1, torch.tensor([[0.2, 0.8]]), summary).item() == pytest.approx(0.4)
+    # the head's confidence does not matter, only its prediction
+    assert rule.estimate(0, torch.tensor([[0.51, 0.49]]), summary).item() == pytest.approx(0.6)
+
+
+def test_vote_posterior_by_hand():
+    nb2 = gather_neighbours(torch.tensor([[0.1, 0.2, 0.1], [0.1, 0.2, 0.1]]), torch.tensor([[0, 1, 2], [0, 1, 2]]),
+                            LABELLED)
+    probs = torch.tensor([[0.7, 0.3], [0.3, 0.7]])
+    # vote (smoothing 1): [2/3.5, 1.5/3.5]; posterior(c) ∝ p(c) * vote(c)
+    v0, v1 = 2.0 / 3.5, 1.5 / 3.5
+    want = torch.tensor([0.7 * v0 / (0.7 * v0 + 0.3 * v1), 0.7 * v1 / (0.7 * v1 + 0.3 * v0)])
+    rule = VotePosterior(weight=1.0, smoothing=1.0)
+    torch.testing.assert_close(rule.estimate(2, probs, rule.summarize(nb2, 2)), want)
+    # weight 0 ignores the neighbours: the head's own max probability
+    flat = VotePosterior(weight=0.0)
+    torch.testing.assert_close(flat.estimate(2, probs, flat.summarize(nb2, 2)), torch.tensor([0.7, 0.7]))
+    with pytest.raises(ValueError, match="smoothing"):
+        VotePosterior(smoothing=0.0)
+
+
+def test_neighbour_correctness_by_hand():
+    # weights 1, 0.5, 1; correct per layer: [0,1,0], [1,1,1], [1,1,1] -> shares 0.5/2.5, 1, 1
+    rule = NeighbourCorrectness(threshold=0.9, strength=0.0)
+    est = rule.estimates(torch.tensor([[0.1, 0.2, 0.1]]), torch.tensor([[0, 1, 2]]), LABELLED)
+    torch.testing.assert_close(est, torch.tensor([[0.2, 1.0, 1.0]]))
+    layers, dist = rule.choose(torch.tensor([[0.1, 0.2, 0.1]]), torch.tensor([[0, 1, 2]]), LABELLED)
+    assert layers.tolist() == [1] and torch.allclose(dist.sum(-1), torch.ones(1))
+    # strength 2: two pseudo-neighbours at the database-wide share (1/3, 1, 1)
+    smoothed = NeighbourCorrectness(threshold=0.25, strength=2.0)
+    est = smoothed.estimates(torch.tensor([[0.1, 0.2, 0.1]]), torch.tensor([[0, 1, 2]]), LABELLED)
+    assert est[0, 0].item() == pytest.approx((0.5 + 2 / 3) / 4.5)
+    assert smoothed.choose(torch.tensor([[0.1, 0.2, 0.1]]), torch.tensor([[0, 1, 2]]), LABELLED)[0].tolist() == [0]
+    # nothing reaches the threshold: the last layer
+    assert NeighbourCorrectness(threshold=1.1).choose(torch.tensor([[0.1]]), torch.tensor([[0]]),
+                                                      LABELLED)[0].tolist() == [2]
+
+
+def test_new_rule_configs_instantiate():
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "aggregator"
+    for name, cls in {"neighbour_vote": NeighbourVote, "vote_posterior": VotePosterior,
+                      "neighbour_correctness": NeighbourCorrectness}.items():
+        assert type(instantiate(OmegaConf.load(conf / f"{name}.yaml"))) is cls

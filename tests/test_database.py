@@ -47,8 +47,8 @@ def random_info(n: int = 40, layers: int = 7, classes: int = 5, seed: int = 0) -
     g = torch.Generator().manual_seed(seed)
     preds = torch.randint(0, classes, (n, layers), generator=g)
     labels = torch.randint(0, classes, (n,), generator=g)
-    # probabilities as float16 would store them, so that in-memory and on-disk values are the same
-    probs = torch.rand(n, layers, generator=g).half().float()
+    # multiples of 1/1024: float16 holds them and their complements exactly, so in-memory and on-disk values agree
+    probs = torch.randint(0, 1025, (n, layers), generator=g).float() / 1024
     return ExitInfo(preds=preds, probs=probs, correct=preds == labels.unsqueeze(1), labels=labels)
 
 
@@ -77,6 +77,13 @@ def test_sharded_tables_read_rows_like_tensors(tmp_path):
     stored = {name: np.load(first / f"{name}.npy", allow_pickle=False) for name in store.TABLES}
     assert stored["correct"].shape == (7, 1) and stored["correct"].dtype == np.uint8  # 7 layers -> 1 byte
     assert stored["probs"].dtype == np.float16 and stored["preds"].dtype == np.uint8
+    # probabilities are stored as float16 complements: values near 1, where the rules decide, stay distinct
+    assert np.array_equal(stored["probs"], (1 - info.probs[:7].numpy()).astype(np.float16))
+    near_one = torch.tensor([[0.99997, 0.9999, 1.0]])
+    table = write_tables(tmp_path / "near_one", ExitInfo(preds=torch.zeros(1, 3, dtype=torch.long), probs=near_one,
+                                                         correct=torch.ones(1, 3, dtype=torch.bool),
+                                                         labels=torch.zeros(1, dtype=torch.long)), shard_rows=1)
+    assert len(set(table["probs"][0].tolist())) == 3 and torch.allclose(table["probs"][0], near_one, atol=1e-6)
     assert store.compact_int(np.array([0, 70000])).dtype == np.uint32
     assert store.compact_int(np.array([-1, 5])).dtype == np.int8
     assert store.compact_int(np.array([0.5])).dtype == np.float32  # regression targets stay floats

@@ -186,7 +186,9 @@ def test_report_files_markdown_and_pngs(reported):
     header = next(line for line in md if line.startswith("| "))
     assert header.startswith("| dataset | backbone | head | method | knobs | metric | value | accuracy |")
     assert header in printed  # the table goes to stdout too
-    body = [line for line in md if line.startswith("| bbcnews")]
+    start = md.index(header)
+    end = next(i for i in range(start, len(md)) if not md[i].startswith("|"))
+    body = [line for line in md[start:end] if line.startswith("| bbcnews")]  # the results table only
     assert len(body) == len(RUNS)
     methods = [line.split(" | ")[3] for line in body]
     assert methods == ["full", "entropy", "entropy", "entropy", "raee", "raee", "oracle"]
@@ -299,3 +301,94 @@ def test_cli_help(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--out" in text and "--paper" in text and "raee_table1" in text and "--wandb" in text
+
+
+# ------------------------------------------------------------------ speed-accuracy curves
+
+
+def test_dominated_marking_hand_made():
+    cost = [6.0, 2.0, 3.0, 2.0, 1.0, np.nan, 1.0]
+    value = [0.95, 0.90, 0.90, 0.93, 0.80, 0.99, 0.80]
+    # (2, .90) loses to (2, .93); (3, .90) to (2, .93) too; (6, .95) is the only one that accurate; the two
+    # (1, .80) tie: neither dominates the other; NaN is never marked and dominates nothing
+    assert report.dominated(cost, value).tolist() == [False, True, True, False, False, False, False]
+    assert report.dominated([], []).tolist() == []
+    with pytest.raises(ValueError, match="same length"):
+        report.dominated([1.0], [1.0, 2.0])
+
+
+def test_oracle_gap_by_hand():
+    oracle, full = (0.5, 1.0), (6.0, 0.9)  # box: 5.5 layers x 0.1 accuracy
+    # runs at (1, .95) and (3, 1.0): below 1 layer nothing beats the full model (0.1 x 0.5 missed), from 1 to
+    # 3 layers 0.95 (0.05 x 2 missed), from 3 on the oracle's accuracy
+    assert report.oracle_gap([1.0, 3.0], [0.95, 1.0], oracle, full) == pytest.approx(0.15 / 0.55)
+    assert report.oracle_gap([0.5], [1.0], oracle, full) == pytest.approx(0.0)
+    assert report.oracle_gap([2.0], [0.85], oracle, full) == pytest.approx(1.0)  # never above the full model
+    assert math.isnan(report.oracle_gap([1.0], [0.9], (0.5, 0.9), full))  # an empty box
+
+
+def curve_summary(method, knobs, accuracy, layers, *, computed=None, calibrated=None, tuned="threshold"):
+    s = summary(method, knobs, accuracy, layers, 1.0 + layers)
+    s.update(mean_layers_computed=computed if computed is not None else layers, tuned_knob=tuned,
+             full_accuracy=0.95, oracle_accuracy=0.99, oracle_mean_exit_layer=0.5)
+    if calibrated is not None:
+        s["knobs"] = {**knobs, "target": "accuracy", "max_drop": 0.0}
+        s["calibration"] = {"knob": tuned, "value": calibrated, "met": True, "split": "validation",
+                            "num_examples": 50, "validation": {"accuracy": 0.96, "full_accuracy": 0.95,
+                                                               "mean_exit_layer": layers,
+                                                               "mean_layers_computed": layers}}
+    return s
+
+
+CURVE_RUNS = {
+    "0": curve_summary("full", {}, 0.95, 6.0, tuned=None),
+    "1": curve_summary("entropy", {"threshold": 0.2, "min_layer": 1}, 0.95, 3.0),
+    "2": curve_summary("entropy", {"threshold": 0.6, "min_layer": 1}, 0.92, 1.5),
+    "3": curve_summary("entropy", {"threshold": 0.4, "min_layer": 1}, 0.94, 2.0, calibrated=0.4),
+    "4": curve_summary("raee_dynamic", {"aggregator": {"rule": "VotePosterior", "threshold": 0.9}}, 0.96, 1.0,
+                       tuned="aggregator.threshold"),
+    "5": curve_summary("raee_dynamic", {"aggregator": {"rule": "VotePosterior", "threshold": 0.8}}, 0.95, 0.5,
+                       tuned="aggregator.threshold", calibrated=0.8),
+    "6": curve_summary("raee_dynamic", {"aggregator": {"rule": "NeighbourVote", "threshold": 0.6}}, 0.93, 0.8,
+                       tuned="aggregator.threshold"),
+    # keys at layer 2: exits at 0.3 on average, but every example ran the two key layers
+    "7": curve_summary("raee", {"aggregator": {"rule": "RobustAggregator", "threshold": 0.5}}, 0.94, 0.3,
+                       computed=2.1, tuned="aggregator.threshold"),
+    "8": curve_summary("oracle", {}, 0.99, 0.5, tuned=None),
+}
+
+
+def test_curves_dominated_runs_and_the_oracle_gap_of_a_sweep(tmp_path):
+    root = tmp_path / "sweep"
+    for name, s in CURVE_RUNS.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "summary.json").write_text(json.dumps(s))
+    df = report.add_pareto(report.add_analysis(report.collect(root))).set_index("run_dir")
+    # one curve per method and rule; thresholds and the calibration target stay on their curve
+    assert df.loc["4", "curve"] == df.loc["5", "curve"] == "raee_dynamic (aggregator.rule=VotePosterior)"
+    assert df.loc["6", "curve"] == "raee_dynamic (aggregator.rule=NeighbourVote)"
+    assert df.loc["1", "curve"] == df.loc["3", "curve"] == "entropy"
+    # the key's layers are the raee run's cost, not its exit layer
+    assert df.loc["7", "cost"] == pytest.approx(2.1)
+    dominated = set(df.index[df["dominated_layers"]])
+    # (0.5, .95) beats full, entropy 0.2 and raee's (2.1, .94); (1, .96) beats entropy 0.4/0.6 and the vote
+    assert dominated == {"0", "1", "2", "3", "6", "7"}
+    assert not df.loc["8", "dominated_layers"]  # the oracle is never marked
+    table = report.curve_table(df.reset_index()).set_index("curve")
+    posterior = table.loc["raee_dynamic (aggregator.rule=VotePosterior)"]
+    assert posterior["fewest_layers_at_full"] == pytest.approx(0.5)
+    assert posterior["best_within_1"] == pytest.approx(0.96)
+    # oracle (0.5, .99), full (6, .95): reaches .95 at 0.5 and .96 from 1 -> misses .04 x 0.5 + .03 x 5
+    assert posterior["oracle_gap"] == pytest.approx((0.04 * 0.5 + 0.03 * 5) / (5.5 * 0.04))
+    assert table.loc["entropy", "oracle_gap"] == pytest.approx(1.0)
+    assert "threshold=0.4" in table.loc["entropy", "calibrated_runs"]
+    md = report.pareto_markdown(df.reset_index())
+    assert "oracle 0.9900 at 0.50 layers" in md and "| raee_dynamic (aggregator.rule=VotePosterior) |" in md
+
+
+def test_pareto_charts_are_written(reported):
+    out, printed = reported
+    assert "## Speed-accuracy curves" in printed and "Oracle gap" in (out / "results.md").read_text()
+    for png in ("pareto_layers.png", "pareto_speedup.png"):
+        data = (out / png).read_bytes()
+        assert len(data) > 1000 and data[:8] == PNG_SIGNATURE, png

@@ -1,6 +1,10 @@
 """Aggregation rules: neighbours' exit information -> a distribution over layers -> an exit layer.
 
-Shapes: Q queries, k neighbours each, N database examples, L+1 layers (0 = embeddings).
+Two kinds: an :class:`Aggregator` plans every exit once, from the neighbours alone (exit=raee);
+a :class:`LayerRule` estimates, layer by layer, the chance that the example's own prediction there is
+right, from its head output and its neighbours (exit=raee_dynamic, the retrieval + confidence hybrid).
+
+Shapes: Q queries, k neighbours each, N database examples, L+1 layers (0 = embeddings), C classes.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class Neighbours:
     distances: torch.Tensor  # (Q, k) float, smaller = nearer; 0 where invalid
     correct: torch.Tensor  # (Q, k, L+1) bool, False where invalid
     probs: torch.Tensor  # (Q, k, L+1) float, 0 where invalid
+    labels: torch.Tensor  # (Q, k) long, -1 where invalid
+    preds: torch.Tensor  # (Q, k, L+1) long, -1 where invalid
 
 
 def gather_neighbours(distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo) -> Neighbours:
@@ -81,8 +87,39 @@ def gather_neighbours(distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo
     rows = ids.clamp(min=0)
     correct = info.correct[rows].bool() & valid.unsqueeze(-1)
     probs = torch.where(valid.unsqueeze(-1), info.probs[rows].float(), torch.zeros((), device=device))
+    none = torch.full((), -1, dtype=torch.long, device=device)
     return Neighbours(valid=valid, distances=torch.where(valid, distances, torch.zeros((), device=device)),
-                      correct=correct, probs=probs)
+                      correct=correct, probs=probs, labels=torch.where(valid, info.labels[rows].long(), none),
+                      preds=torch.where(valid.unsqueeze(-1), info.preds[rows].long(), none))
+
+
+#: distances are floored here, so an exact duplicate (distance 0) weighs 1 and the others stay finite
+EPS = 1e-6
+
+
+def nearest_weights(nb: Neighbours) -> torch.Tensor:
+    """(Q, k) weights min valid distance / distance_j (the nearest neighbour weighs 1, invalid ones 0)."""
+    d = nb.distances.clamp(min=EPS)
+    dmin = torch.where(nb.valid, d, torch.full_like(d, float("inf"))).min(dim=1, keepdim=True).values
+    return torch.where(nb.valid, dmin / d, torch.zeros_like(d))
+
+
+def label_vote(nb: Neighbours, num_classes: int, smoothing: float = 1.0) -> torch.Tensor:
+    """(Q, C) the neighbours' label distribution: nearness-weighted (:func:`nearest_weights`) label counts plus
+    ``smoothing`` spread evenly over the classes, normalised (uniform for a query without neighbours)."""
+    weights = nearest_weights(nb)
+    votes = torch.zeros(nb.labels.shape[0], num_classes, device=weights.device)
+    votes.scatter_add_(1, nb.labels.clamp(min=0), weights)  # invalid neighbours add weight 0
+    votes += float(smoothing) / num_classes
+    total = votes.sum(-1, keepdim=True)
+    return torch.where(total > 0, votes / total.clamp(min=torch.finfo(votes.dtype).tiny),
+                       torch.full_like(votes, 1.0 / num_classes))
+
+
+def probability_grid(step: float = 0.025) -> list[float]:
+    """Thresholds 0, step, ..., 1: the default calibration grid of rules that threshold a probability."""
+    count = int(round(1.0 / step))
+    return [round(i * step, 6) for i in range(count + 1)]
 
 
 def argmax_earliest(scores: torch.Tensor) -> torch.Tensor:
@@ -107,10 +144,39 @@ def finish(scores: torch.Tensor, empty: torch.Tensor | None = None) -> tuple[tor
 
 
 class Aggregator(ABC):
-    """One rule that turns the retrieved neighbours into an exit layer per query."""
+    """One rule that turns the retrieved neighbours into an exit layer per query (planned before layer 1)."""
+
+    def grid(self, num_layers: int, num_classes: int) -> list[float]:
+        """Calibration candidates for the rule's ``threshold`` (rules with one; a probability by default)."""
+        return probability_grid()
 
     @abstractmethod
     def choose(self, distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo) -> tuple[torch.Tensor, torch.Tensor]:
         """distances (Q, k) float, smaller = nearer; ids (Q, k) long (-1 = no hit) ->
         (exit layers (Q,) long in 0..L, distribution over layers (Q, L+1) float summing to 1).
         Invalid neighbours (id -1, non-finite distance) weigh 0; with nothing to go on the exit is L."""
+
+
+class LayerRule(ABC):
+    """A per-layer exit rule (exit=raee_dynamic): the example leaves at the first layer where
+    :meth:`estimate`, the estimated probability that its prediction there is right, reaches ``threshold``.
+
+    The neighbours are retrieved once per example; :meth:`summarize` keeps what the rule needs of them (computed
+    once), :meth:`estimate` combines it with the head's output at each layer (kept cheap: it runs every layer).
+    """
+
+    #: the knob calibration tunes
+    threshold: float = 0.5
+
+    def grid(self, num_layers: int, num_classes: int) -> list[float]:
+        """Candidate thresholds for calibration."""
+        return probability_grid()
+
+    @abstractmethod
+    def summarize(self, nb: Neighbours, num_classes: int) -> torch.Tensor:
+        """(Q, ...) what the rule keeps of each query's neighbours (e.g. their label vote (Q, C))."""
+
+    @abstractmethod
+    def estimate(self, layer: int, probs: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+        """probs (n, C): the example's own head distribution at ``layer``; summary: its rows of :meth:`summarize`
+        -> (n,) estimated probability that the head's prediction at ``layer`` (argmax of probs) is right."""

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from raee.aggregation.base import Aggregator, ExitInfo, finish, gather_neighbours
-
-#: distances are floored here, so an exact duplicate (distance 0) weighs 1 and the others stay finite
-EPS = 1e-6
+from raee.aggregation.base import Aggregator, ExitInfo, finish, gather_neighbours, nearest_weights
 
 
 class RobustAggregator(Aggregator):
@@ -26,9 +23,7 @@ class RobustAggregator(Aggregator):
 
     def choose(self, distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo) -> tuple[torch.Tensor, torch.Tensor]:
         nb = gather_neighbours(distances, ids, info)
-        d = nb.distances.clamp(min=EPS)  # (Q, k)
-        dmin = torch.where(nb.valid, d, torch.full_like(d, float("inf"))).min(dim=1, keepdim=True).values
-        weights = torch.where(nb.valid, dmin / d, torch.zeros_like(d))  # (Q, k), nearest = 1
+        weights = nearest_weights(nb)  # (Q, k), nearest = 1
         confident = nb.correct & (nb.probs >= self.threshold)  # (Q, k, L+1)
         # top_p entries of the table by probability: a stable descending sort keeps the earlier
         # layer first among equal probabilities, so exactly top_p entries are taken

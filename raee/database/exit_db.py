@@ -14,8 +14,9 @@ from raee.database import store
 from raee.database.tables import ShardedTable
 from raee.keys import KeyEncoder
 
-#: the on-disk layout this code writes and reads (1: one exit_info.safetensors, before sharding)
-FORMAT_VERSION = 2
+#: the on-disk layout this code writes and reads (1: one exit_info.safetensors, before sharding; 2: float16
+#: probabilities, which round values near 1 together; 3: their float16 complements)
+FORMAT_VERSION = 3
 META_FILE = "meta.json"
 INDEX_DIR = "index"
 #: metadata fields that must match between a database and the run that uses it (``tolerance``: None for

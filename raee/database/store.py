@@ -7,7 +7,9 @@ Inside a database directory::
                  labels.npy   (n,) the smallest integer type that holds the class ids
                               (float32 for regression targets)
                  preds.npy    (n, L+1) the smallest integer type: predicted class at each layer
-                 probs.npy    (n, L+1) float16: probability of that prediction
+                 probs.npy    (n, L+1) float16: 1 - the probability of that prediction (the
+                              complement keeps float16's precision where the rules decide: 0.99997
+                              stays distinct from 1.0, which plain float16 rounds it to)
                  correct.npy  (n, ceil((L+1)/8)) uint8: per-layer correctness, bit-packed
                  ids.npy      (n,) the smallest integer type: the example's position in its source
     shards/00001/...
@@ -34,7 +36,7 @@ from raee.database.tables import ShardedTable
 SHARDS_DIR = "shards"
 KEYS = "keys"
 #: table name -> how ShardedTable decodes it
-TABLES = {"labels": "int", "preds": "int", "probs": "float", "correct": "bits", "ids": "int"}
+TABLES = {"labels": "int", "preds": "int", "probs": "complement", "correct": "bits", "ids": "int"}
 #: bytes of rows buffered before a shard is written (sets the default shard size: 128 MiB of keys+tables)
 SHARD_BUFFER_BYTES = 128 << 20
 #: databases whose shard files total at most this many bytes are hash-checked in full on load
@@ -70,7 +72,7 @@ def encode_rows(keys: np.ndarray, labels: np.ndarray, preds: np.ndarray, probs: 
                 ids: np.ndarray) -> dict[str, np.ndarray]:
     """One batch of rows in the stored (compact) form; shapes as in the module docstring."""
     return {KEYS: np.ascontiguousarray(keys, dtype=np.float32), "labels": np.asarray(labels),
-            "preds": np.asarray(preds), "probs": np.asarray(probs, dtype=np.float16),
+            "preds": np.asarray(preds), "probs": (1.0 - np.asarray(probs, dtype=np.float32)).astype(np.float16),
             "correct": np.packbits(np.asarray(correct, dtype=bool), axis=1, bitorder="little"),
             "ids": np.asarray(ids)}
 

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 #: how stored values are turned into the logical dtype
-DECODINGS = ("float", "int", "bits")
+DECODINGS = ("float", "complement", "int", "bits")
 
 
 def _decoded_dtype(decode: str, stored: np.dtype) -> torch.dtype:
     if decode == "bits":
         return torch.bool
-    if decode == "float" or np.issubdtype(stored, np.floating):
+    if decode in ("float", "complement") or np.issubdtype(stored, np.floating):
         return torch.float32
     return torch.int64
 
@@ -31,7 +31,8 @@ def _decoded_dtype(decode: str, stored: np.dtype) -> torch.dtype:
 class ShardedTable:
     """Rows 0..N-1 of one exit table, stored in consecutive shards (numpy arrays, usually memmaps).
 
-    decode: "float" -> float32 (float16 probabilities, float32 keys), "int" -> int64 (compact class
+    decode: "float" -> float32 (float32 keys), "complement" -> 1 - the stored value as float32
+    (probabilities stored as float16 complements), "int" -> int64 (compact class
     ids; float32 for regression targets), "bits" -> bool (per-layer bits packed with
     ``np.packbits(..., axis=1, bitorder="little")``; ``columns`` gives the unpacked width).
     """
@@ -113,7 +114,8 @@ class ShardedTable:
         if self.decode == "bits":
             bits = np.unpackbits(stored, axis=-1, count=self.row_shape[0], bitorder="little")
             return torch.from_numpy(bits.astype(np.bool_))
-        return torch.from_numpy(np.ascontiguousarray(stored)).to(self.dtype)
+        values = torch.from_numpy(np.ascontiguousarray(stored)).to(self.dtype)
+        return 1.0 - values if self.decode == "complement" else values
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         rest: tuple = ()

@@ -100,6 +100,10 @@ class DynamicExit(ExitStrategy):
     def validate(self, num_layers: int) -> None:
         check_layer(self.min_layer, num_layers, "exit.min_layer")
 
+    def observe(self, state: LayerState, active: torch.Tensor, ctx: BatchContext) -> None:
+        """Sees the state of every layer (before ``min_layer`` too) ahead of :meth:`should_exit`; active: (n,)
+        batch positions of its examples. Retrieval strategies take their keys here; most ignore it."""
+
     @abstractmethod
     def should_exit(self, layer: int, logits: torch.Tensor, active: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         """logits: (n, C) of the n examples still running at ``layer``; active: (n,) their batch positions.

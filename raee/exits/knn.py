@@ -20,7 +20,7 @@ import torch
 
 from raee.backbones.base import LayerState, LayerwiseBackbone
 from raee.exits.base import BatchContext
-from raee.exits.raee_exit import RaeeExit, add_timing
+from raee.exits.raee_exit import RaeeExit, add_time
 
 VOTES = ("majority", "weighted")
 #: added to the nearest neighbour's label under the majority vote: decides ties, never outvotes a neighbour
@@ -32,13 +32,13 @@ class KnnExit(RaeeExit):
 
     def __init__(self, key_encoder: Any, retriever: Any, k: int = 12, vote: str = "majority",
                  temperature: float = 0.1, database: str | None = None, fraction: float = 1.0, seed: int = 42,
-                 rebuild: bool = False) -> None:
+                 rebuild: bool = False, keep_keys: bool | str = "auto") -> None:
         if vote not in VOTES:
             raise ValueError(f"exit.vote={vote!r} is unknown: use one of {list(VOTES)}")
         if not float(temperature) > 0:
             raise ValueError(f"exit.temperature={temperature} must be > 0 (smaller = trust the nearest more)")
         super().__init__(key_encoder, retriever, aggregator=None, k=k, database=database, fraction=fraction,
-                         seed=seed, rebuild=rebuild)
+                         seed=seed, rebuild=rebuild, keep_keys=keep_keys)
         self.vote = vote
         self.temperature = float(temperature)
         self.num_classes = 0
@@ -62,10 +62,10 @@ class KnnExit(RaeeExit):
         return torch.full((state.batch_size,), self.plan_layer, dtype=torch.long, device=state.hidden.device)
 
     def own_logits(self, state: LayerState, ctx: BatchContext) -> torch.Tensor:
-        distances, ids = self.retrieve(state, ctx)
+        distances, ids = self.neighbours(state, ctx.texts, ctx.timings)
         start = time.perf_counter()
         logits = neighbour_vote(distances, ids, self.db.info.labels, self.num_classes, self.vote, self.temperature)
-        add_timing(ctx, "retrieval_vote", time.perf_counter() - start)
+        add_time(ctx.timings, "retrieval_vote", time.perf_counter() - start)
         self.last = {"ids": ids, "distances": distances, "logits": logits}
         return logits.to(state.hidden.device)
 

@@ -16,14 +16,17 @@ from typing import Any
 
 import torch
 
+from raee.calibration.target import Calibrated
 from raee.exits.base import BatchContext, DynamicExit
 
 
-class PatienceExit(DynamicExit):
+class PatienceExit(Calibrated, DynamicExit):
     name = "patience"
     supports_regression = True
+    knob = "patience"  # exit.target=... chooses it on the validation split
 
-    def __init__(self, patience: int = 2, min_layer: int = 1, regression_threshold: float = 0.1) -> None:
+    def __init__(self, patience: int = 2, min_layer: int = 1, regression_threshold: float = 0.1,
+                 **calibration: Any) -> None:
         self.patience = int(patience)
         self.min_layer = int(min_layer)
         if self.patience < 1:
@@ -34,6 +37,7 @@ class PatienceExit(DynamicExit):
                              "outputs agree when they differ by less than it)")
         self.regression_threshold = float(regression_threshold)
         self._regression = False
+        self.init_calibration(**calibration)
         self._prev: torch.Tensor | None = None
         self._count: torch.Tensor | None = None
 
@@ -45,11 +49,15 @@ class PatienceExit(DynamicExit):
 
     def knobs(self) -> dict[str, Any]:
         knobs = {"patience": self.patience, "min_layer": self.min_layer}
-        return knobs | ({"regression_threshold": self.regression_threshold} if self._regression else {})
+        knobs |= {"regression_threshold": self.regression_threshold} if self._regression else {}
+        return self.with_calibration_knobs(knobs)
 
     def prepare(self, backbone: Any, head: Any) -> None:
         super().prepare(backbone, head)
         self._regression = bool(getattr(head, "regression", False))
+
+    def default_grid(self, num_layers: int, num_classes: int) -> list[float]:
+        return list(range(1, max(num_layers - self.min_layer, 1) + 1))
 
     def begin(self, ctx: BatchContext) -> None:
         # previous layer's prediction per example: a class id, or a value for regression (NaN: none yet)

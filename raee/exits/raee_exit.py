@@ -4,6 +4,10 @@ Per test example: encode a key, retrieve the k most similar training examples fr
 database, aggregate their exit information into a distribution over layers 0..L, and run the
 backbone only up to the chosen layer. Examples with different exit layers share the batch
 until they leave it (the exit loop drops them). No internal classifier is trained.
+
+:class:`RetrievalExit` holds what every retrieval strategy shares (the exit database, keys,
+search); :class:`RaeeExit` plans with an aggregation rule; :mod:`raee.exits.raee_dynamic` decides
+layer by layer from the same neighbours.
 """
 
 from __future__ import annotations
@@ -16,21 +20,23 @@ from typing import Any
 import torch
 
 from raee.backbones.base import LayerState, LayerwiseBackbone
-from raee.exits.base import BatchContext, PlannedExit
+from raee.calibration.target import Calibrated
+from raee.exits.base import BatchContext, ExitStrategy, PlannedExit
 
 
-class RaeeExit(PlannedExit):
-    """tolerance: on a regression task, a layer counts as correct for a database example when its
+class RetrievalExit(Calibrated, ExitStrategy):
+    """The exit database, the search of an example's k neighbours (keys at :attr:`plan_layer`) and the
+    rule (``aggregator``) that turns them into exits; calibration tunes the rule's threshold.
+
+    tolerance: on a regression task, a layer counts as correct for a database example when its
     prediction is within ``tolerance`` of the target (stored in the database, checked on use)."""
-
-    name = "raee"
-    supports_regression = True
 
     def __init__(self, key_encoder: Any, retriever: Any, aggregator: Any, k: int = 12, database: str | None = None,
                  fraction: float = 1.0, seed: int = 42, rebuild: bool = False, keep_keys: bool | str = "auto",
-                 tolerance: float = 0.5) -> None:
+                 tolerance: float = 0.5, **calibration: Any) -> None:
         if k < 1:
             raise ValueError(f"exit.k={k} must be at least 1 (number of neighbours retrieved)")
+        self.init_calibration(**calibration)
         self.key_encoder = key_encoder
         self.retriever = retriever
         self.aggregator = aggregator
@@ -43,18 +49,27 @@ class RaeeExit(PlannedExit):
         self.tolerance = float(tolerance)
         self.plan_layer = key_encoder.plan_layer
         self.db = None
-        self.last: dict[str, torch.Tensor] = {}  # neighbours and distribution of the last batch (notebooks)
 
     def knobs(self) -> dict[str, Any]:
         settings = {k: v for k, v in vars(self.aggregator).items() if isinstance(v, (int, float, str, bool))}
-        return {"k": self.k, "aggregator": {"rule": type(self.aggregator).__name__, **settings},
-                "key_encoder": self.key_encoder.describe(),
-                "retriever": {k: v for k, v in self.retriever.describe().items() if v is not None},
-                "fraction": self.fraction}
+        return self.with_calibration_knobs({
+            "k": self.k, "aggregator": {"rule": type(self.aggregator).__name__, **settings},
+            "key_encoder": self.key_encoder.describe(),
+            "retriever": {k: v for k, v in self.retriever.describe().items() if v is not None},
+            "fraction": self.fraction})
+
+    @property
+    def knob(self) -> str:  # calibration tunes the rule's own knob
+        return f"aggregator.{getattr(self.aggregator, 'knob', 'threshold')}"
+
+    def default_grid(self, num_layers: int, num_classes: int) -> list[float]:
+        grid = getattr(self.aggregator, "grid", None)
+        return list(grid(num_layers, num_classes)) if callable(grid) else []
 
     def validate(self, num_layers: int) -> None:
         from raee.exits.base import check_layer
 
+        super().validate(num_layers)
         check_layer(self.plan_layer, num_layers, "key_encoder.layer")
 
     # ------------------------------------------------------------------ database
@@ -100,6 +115,8 @@ class RaeeExit(PlannedExit):
         if db.meta["retriever"] != database.describe_retriever(self.retriever):
             db = db.with_retriever(self.retriever, progress=progress)  # another index, same keys: no backbone pass
         self.use_database(db)
+        if self.calibration.active:
+            self.calibrate(backbone, head, datamodule, cache_dir=cache_dir, progress=progress)
 
     def use_database(self, db: Any) -> None:
         self.db = db
@@ -117,30 +134,67 @@ class RaeeExit(PlannedExit):
                           f"using k={self.db.size}", stacklevel=2)
             self.k = self.db.size
 
-    # ------------------------------------------------------------------ inference
-    def retrieve(self, state: LayerState, ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys of the batch -> its k nearest database entries: (distances (B, k), smaller = nearer; ids (B, k),
-        -1 = no hit). Key and search time are added to ``ctx.timings`` (retrieval overhead)."""
+    # ------------------------------------------------------------------ retrieval
+    def neighbours(self, state: LayerState, texts: list[str], timings: dict[str, float] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys of the batch at :attr:`plan_layer` -> (distances (B, k) float, smaller = nearer; ids (B, k) long,
+        -1 = no hit). Adds the seconds spent to ``timings`` (retrieval_keys, retrieval_search)."""
         from raee.retrieval.base import to_distances
 
         start = time.perf_counter()
-        keys = self.key_encoder.encode(state, ctx.texts)
+        keys = self.key_encoder.encode(state, texts)
         t_keys = time.perf_counter()
-        scores, ids = self.retriever.search(keys.detach().cpu().numpy(), self.k)
+        scores, ids = self.retriever.search(keys.detach().cpu().numpy(), min(self.k, self.db.size))
         t_search = time.perf_counter()
-        add_timing(ctx, "retrieval_keys", t_keys - start)
-        add_timing(ctx, "retrieval_search", t_search - t_keys)
-        return to_distances(torch.as_tensor(scores), self.retriever.metric), torch.as_tensor(ids)
+        if timings is not None:
+            add_time(timings, "retrieval_keys", t_keys - start)
+            add_time(timings, "retrieval_search", t_search - t_keys)
+        return to_distances(torch.as_tensor(scores), self.retriever.metric), torch.as_tensor(ids).long()
 
+    def retrieval_description(self) -> dict[str, Any]:
+        """What the neighbours depend on (cache keys of calibration tables)."""
+        from raee.database import describe_retriever
+
+        if self.db is None:
+            raise RuntimeError("no exit database yet: call fit() or use_database() first")
+        return {"key_encoder": self.key_encoder.describe(), "retriever": describe_retriever(self.retriever),
+                "database": self.db.meta.get("content_hash"), "k": self.k}
+
+
+def add_time(timings: dict[str, float], name: str, seconds: float) -> None:
+    timings[name] = timings.get(name, 0.0) + seconds
+
+
+class RaeeExit(RetrievalExit, PlannedExit):
+    """The paper's RAEE: an aggregation rule turns the neighbours into every example's exit layer."""
+
+    name = "raee"
+    supports_regression = True
+
+    def __init__(self, key_encoder: Any, retriever: Any, aggregator: Any, k: int = 12, database: str | None = None,
+                 fraction: float = 1.0, seed: int = 42, rebuild: bool = False, keep_keys: bool | str = "auto",
+                 tolerance: float = 0.5, **calibration: Any) -> None:
+        super().__init__(key_encoder, retriever, aggregator, k=k, database=database, fraction=fraction, seed=seed,
+                         rebuild=rebuild, keep_keys=keep_keys, tolerance=tolerance, **calibration)
+        self.last: dict[str, torch.Tensor] = {}  # neighbours and distribution of the last batch (notebooks)
+
+    def validate(self, num_layers: int) -> None:
+        from raee.aggregation.base import LayerRule
+
+        super().validate(num_layers)
+        if isinstance(self.aggregator, LayerRule):  # checked here, not in __init__: build_db takes any aggregator
+            raise ValueError(f"aggregator {type(self.aggregator).__name__} is a per-layer rule (it reads the head's "
+                             "output at every layer): use it with exit=raee_dynamic")
+
+    def decide(self, distances: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neighbours (Q, k) -> (exit layers (Q,), distribution over layers (Q, L+1)) by the aggregation rule."""
+        return self.aggregator.choose(distances, ids, self.db.info)
+
+    # ------------------------------------------------------------------ inference
     def plan(self, state: LayerState, ctx: BatchContext) -> torch.Tensor:
-        distances, ids = self.retrieve(state, ctx)
+        distances, ids = self.neighbours(state, ctx.texts, ctx.timings)
         start = time.perf_counter()
-        layers, distribution = self.aggregator.choose(distances, ids, self.db.info)
-        add_timing(ctx, "retrieval_aggregate", time.perf_counter() - start)
+        layers, distribution = self.decide(distances, ids)
+        add_time(ctx.timings, "retrieval_aggregate", time.perf_counter() - start)
         self.last = {"ids": ids, "distances": distances, "distribution": distribution, "layers": layers}
         return layers.to(state.hidden.device)
-
-
-def add_timing(ctx: BatchContext, name: str, seconds: float) -> None:
-    """Add ``seconds`` to the batch's strategy overhead ``name`` (names starting retrieval_ count as retrieval)."""
-    ctx.timings[name] = ctx.timings.get(name, 0.0) + seconds

@@ -12,24 +12,26 @@ import pandas as pd
 from raee.atomic import atomic_write_text
 from raee.report.analysis import add_analysis, sort_runs
 from raee.report.collect import collect, collect_failed
-from raee.report.figures import plot_exit_layers, plot_speed_vs_metric
+from raee.report.figures import plot_exit_layers, plot_pareto, plot_speed_vs_metric
 from raee.report.paper import write_paper_comparison
-from raee.report.tables import failed_markdown, results_markdown, write_csv
+from raee.report.pareto import add_pareto
+from raee.report.tables import failed_markdown, pareto_markdown, results_markdown, write_csv
 from raee.report.wandb_log import log_to_wandb, wandb_group
-from raee.search_results import pareto_markdown
+from raee.search_results import pareto_markdown as search_pareto_markdown
 
 
 def write_report(df: pd.DataFrame, out: str | Path, failed: pd.DataFrame | None = None,
                  paper: str | None = None) -> dict[str, Path]:
-    """Writes results.csv/.md, the two PNGs, failed.csv (if any) and, with ``paper``, the paper
+    """Writes results.csv/.md, the PNGs, failed.csv (if any) and, with ``paper``, the paper
     comparison into ``out``; returns {name: path}."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    df = sort_runs(add_analysis(df))
+    df = add_pareto(sort_runs(add_analysis(df)))
     paths = {"results.csv": write_csv(df, out / "results.csv")}
     md = ["# Results", "", f"{len(df)} run(s). Speed-up: the run's own wall-clock speed-up (full model timed in "
           "the same process); 'sweep wall speed-up': throughput against the sweep's exit=full run. "
-          "Pareto: no other run (oracle excluded) is both faster and better.", "", results_markdown(df)]
+          "Pareto: no other run (oracle excluded) is both faster and better.", "", results_markdown(df), "",
+          "## Speed-accuracy curves", "", pareto_markdown(df)]
     if failed is not None and len(failed):
         md += ["", f"## Failed runs ({len(failed)})", "", failed_markdown(failed)]
         paths["failed.csv"] = write_csv(failed, out / "failed.csv")
@@ -37,6 +39,8 @@ def write_report(df: pd.DataFrame, out: str | Path, failed: pd.DataFrame | None 
     paths["results.md"] = out / "results.md"
     paths["speed_vs_accuracy.png"] = plot_speed_vs_metric(df, out / "speed_vs_accuracy.png")
     paths["exit_layers.png"] = plot_exit_layers(df, out / "exit_layers.png")
+    paths["pareto_layers.png"] = plot_pareto(df, out / "pareto_layers.png", axis="layers")
+    paths["pareto_speedup.png"] = plot_pareto(df, out / "pareto_speedup.png", axis="speedup")
     if paper:
         paths.update(write_paper_comparison(df, out, paper))
     return paths
@@ -48,10 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m raee.report",
         description="Tables and charts of a sweep: reads every summary.json below DIR (failed runs: error.json), "
-                    "writes results.csv, results.md, speed_vs_accuracy.png, exit_layers.png and prints the table.",
+                    "writes results.csv, results.md (with the speed-accuracy curves: dominated runs, oracle gap), "
+                    "speed_vs_accuracy.png, exit_layers.png, pareto_layers.png, pareto_speedup.png and prints the "
+                    "tables.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  python -m raee.run -m +experiment=compare_all\n"
+               "  python -m raee.run -m +experiment=pareto     # every method's knob, calibrated runs, 2 datasets\n"
                "  python -m raee.report multirun/compare_all/<date>/<time>\n"
                "  python -m raee.report multirun/raee_table1/<date>/<time> --paper raee_table1 --out report/\n"
                "experiments/README.md describes every experiment config and output file.")
@@ -78,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else root / "report"
     paths = write_report(df, out, failed=failed, paper=args.paper)
     print(results_markdown(df))
-    search = pareto_markdown(root)
+    print("\n## Speed-accuracy curves\n\n" + pareto_markdown(add_pareto(add_analysis(df))))
+    search = search_pareto_markdown(root)
     if search:  # an Optuna search: the Pareto set its sweeper wrote, with each trial's run
         paths["optuna_pareto.md"] = out / "optuna_pareto.md"
         atomic_write_text(paths["optuna_pareto.md"], search)

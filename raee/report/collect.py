@@ -19,14 +19,17 @@ SWEEP_MARKER = "multirun.yaml"
 #: the per-run columns of :func:`collect`, in order (knob_<name> columns follow ``knobs``)
 COLUMNS = (
     "method", "knobs", "dataset", "split", "backbone", "head", "num_layers", "task_metric", "task_metric_value",
-    "accuracy", "macro_f1", "mcc", "spearman", "budget", "mean_exit_layer", "layer_speedup", "layers_saved", "flops_speedup",
-    "wall_time_s", "full_wall_time_s", "wall_speedup", "sweep_wall_speedup", "throughput", "retrieval_share",
+    "accuracy", "macro_f1", "mcc", "spearman", "budget", "mean_exit_layer", "mean_layers_computed", "layer_speedup",
+    "computed_layer_speedup", "layers_saved", "flops_speedup", "wall_time_s", "full_wall_time_s", "wall_speedup",
+    "sweep_wall_speedup", "throughput", "retrieval_share", "full_accuracy", "oracle_accuracy", "oracle_mean_exit_layer",
+    "tuned_knob", "calibrated", "calibration_met", "val_accuracy", "val_full_accuracy", "val_mean_layers_computed",
     "num_examples", "seed", "exit_layer_counts", "overrides", "sweep", "run_dir")
-NUMERIC_COLUMNS = ("task_metric_value", "accuracy", "macro_f1", "mcc", "spearman", "mean_exit_layer", "layer_speedup",
-                   "layers_saved", "flops_speedup", "wall_time_s", "full_wall_time_s", "wall_speedup",
-                   "sweep_wall_speedup", "throughput", "retrieval_share")
+NUMERIC_COLUMNS = ("task_metric_value", "accuracy", "macro_f1", "mcc", "spearman", "mean_exit_layer",
+                   "mean_layers_computed", "layer_speedup", "computed_layer_speedup", "layers_saved", "flops_speedup",
+                   "wall_time_s", "full_wall_time_s", "wall_speedup", "sweep_wall_speedup", "throughput",
+                   "retrieval_share", "full_accuracy", "oracle_accuracy", "oracle_mean_exit_layer", "val_accuracy",
+                   "val_full_accuracy", "val_mean_layers_computed")
 FAILED_COLUMNS = ("run_dir", "method", "data", "backbone", "head", "error", "overrides")
-#: methods in reading order; others follow alphabetically
 HOW_TO_RUN = ("run a sweep first, e.g. `python -m raee.run -m +experiment=compare_all` or "
               "`python -m raee.run -m exit=full,entropy,raee`; each job writes summary.json into "
               "multirun/<...>/<date>/<time>/<job>/, then pass that sweep directory here")
@@ -176,6 +179,7 @@ def _summaries(root: Path) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]
                    sweep=_rel(_sweep_dir(run_dir, root), root))
         if row["throughput"] is None and row["wall_time_s"] and row["num_examples"]:
             row["throughput"] = row["num_examples"] / row["wall_time_s"]
+        row.update(calibration_columns(summary.get("calibration")))
         row.update({f"knob_{k}": (format_value(v) if isinstance(v, (list, tuple)) else v) for k, v in flat.items()})
         rows.append(row)
     return rows, bad
@@ -187,6 +191,16 @@ def budget_string(budget: dict[str, Any] | None) -> str:
         return ""
     return (f"{budget.get('by')}: {budget.get('epochs')} ep, {budget.get('steps')} steps, "
             f"lr {format_value(budget.get('lr'))}/{format_value(budget.get('head_lr'))}, seed {budget.get('seed')}")
+
+
+def calibration_columns(calibration: dict[str, Any] | None) -> dict[str, Any]:
+    """A summary's calibration record (what was chosen on the validation split) as flat columns."""
+    if not calibration:
+        return {"calibrated": False}
+    val = calibration.get("validation") or {}
+    return {"calibrated": True, "calibration_met": calibration.get("met"),
+            "val_accuracy": val.get("accuracy"), "val_full_accuracy": val.get("full_accuracy"),
+            "val_mean_layers_computed": val.get("mean_layers_computed")}
 
 
 def add_sweep_speedup(df: pd.DataFrame) -> pd.DataFrame:

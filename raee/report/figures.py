@@ -127,3 +127,64 @@ def plot_exit_layers(df: pd.DataFrame, path: str | Path) -> Path:
     for ax in axes[len(methods):]:
         ax.set_visible(False)
     return _save(fig, path)
+
+
+def plot_pareto(df: pd.DataFrame, path: str | Path, axis: str = "layers") -> Path:
+    """pareto_layers.png (axis="layers": accuracy against mean layers computed, lower is better) or
+    pareto_speedup.png (axis="speedup": against the wall-clock speed-up). One panel per dataset/backbone/head,
+    one line per curve (:func:`raee.report.pareto.curve_names`); dominated runs hollow, calibrated runs as
+    large stars, the oracle as a black star and the full model's accuracy as a dotted line."""
+    from raee.report.pareto import add_pareto
+
+    if axis not in ("layers", "speedup"):
+        raise ValueError(f"axis={axis!r}: use 'layers' or 'speedup'")
+    df = df if "speedup" in df.columns else add_analysis(df)
+    df = df if "curve" in df.columns else add_pareto(df)
+    x_col, dom_col = ("cost", "dominated_layers") if axis == "layers" else ("speedup", "dominated_speed")
+    df = df[pd.to_numeric(df[x_col], errors="coerce").notna() & df["task_metric_value"].notna()]
+    groups = list(df.groupby(GROUP_KEYS, sort=True, dropna=False)) or [(("no runs",) * 3, df)]
+    cols = min(len(groups), 2)
+    rows = math.ceil(len(groups) / cols)
+    fig = _new_figure(7.5 * cols, 5.5 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    curves = sorted(df["curve"].unique(), key=lambda c: (method_rank(c.split(" ")[0]), c))
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(curves) <= 10 else "tab20"]
+    color = {c: cmap(i % cmap.N) for i, c in enumerate(curves)}
+    for ax, (key, sub) in zip(axes, groups):
+        for curve in [c for c in curves if c in set(sub["curve"])]:
+            runs = sub[sub["curve"] == curve].sort_values(x_col)
+            c = color[curve]
+            x, y = pd.to_numeric(runs[x_col]), runs["task_metric_value"]
+            if runs["method"].iloc[0] in BOUNDS:
+                ax.scatter(x, y, s=180, marker="*", color="black", label=f"{curve} (reads labels)", zorder=5)
+                continue
+            ax.plot(x, y, "-", color=c, alpha=0.7, lw=1.2)
+            dom = runs[dom_col].astype(bool).to_numpy()
+            ax.plot([], [], "o-", color=c, label=curve)  # one legend entry per curve
+            if (~dom).any():
+                ax.scatter(x[~dom], y[~dom], s=36, color=c, zorder=3)
+            if dom.any():
+                ax.scatter(x[dom], y[dom], s=36, facecolors="white", edgecolors=[c], zorder=3)
+            cal = runs.get("calibrated", pd.Series(False, index=runs.index)).fillna(False).astype(bool).to_numpy()
+            if cal.any():
+                ax.scatter(x[cal], y[cal], s=220, marker="*", color=c, edgecolors="black", linewidths=0.8, zorder=4)
+        full = sub.loc[sub["method"] == "full", "task_metric_value"]
+        full_value = full.mean() if len(full) else pd.to_numeric(sub.get("full_accuracy"), errors="coerce").median()
+        if pd.notna(full_value):
+            ax.axhline(full_value, color="grey", lw=0.8, ls=":", label="full model's accuracy")
+        dataset, backbone, head = (str(k) for k in key)
+        ax.set_title(f"{dataset} | {backbone.rstrip('/').split('/')[-1]} | {head}   "
+                     "(hollow = dominated, star = calibrated on validation)", fontsize=9)
+        ax.set_xlabel("mean layers computed per example (keys' layers included)" if axis == "layers"
+                      else "wall-clock speed-up vs the full model (same process)")
+        if axis == "speedup":
+            ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set_ylabel(", ".join(sorted(sub["task_metric"].dropna().astype(str).unique())) or "task metric")
+        ax.grid(alpha=0.3)
+        if len(sub):
+            ax.legend(fontsize=7, loc="lower right" if axis == "layers" else "lower left")
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    return _save(fig, path)

@@ -39,11 +39,12 @@ RESULT_HEADERS = {
     "dataset": "dataset", "backbone_short": "backbone", "head": "head", "method": "method", "knobs_shown": "knobs",
     "task_metric": "metric", "task_metric_value": "value", "accuracy": "accuracy", "macro_f1": "macro F1",
     "spearman": "Spearman", "budget": "fine-tuning budget",
-    "mean_exit_layer": "mean exit layer", "num_layers": "L", "layer_speedup": "layer speed-up",
+    "mean_exit_layer": "mean exit layer", "mean_layers_computed": "layers computed", "num_layers": "L",
+    "layer_speedup": "layer speed-up",
     "wall_speedup": "wall speed-up", "sweep_wall_speedup": "sweep wall speed-up", "flops_speedup": "FLOPs speed-up",
     "retrieval_share": "retrieval share", "num_examples": "n", "pareto": "Pareto", "run_dir": "run",
 }
-RESULT_FORMATS = {"mean_exit_layer": ".2f", "layer_speedup": ".2f", "wall_speedup": ".2f",
+RESULT_FORMATS = {"mean_exit_layer": ".2f", "mean_layers_computed": ".2f", "layer_speedup": ".2f", "wall_speedup": ".2f",
                   "sweep_wall_speedup": ".2f", "flops_speedup": ".2f", "retrieval_share": ".1%"}
 
 
@@ -58,6 +59,37 @@ def results_markdown(df: pd.DataFrame) -> str:
         # runs on another split (a search on validation) say so beside the dataset
         headers = {"dataset": "dataset", "split": "split", **headers}
     return markdown_table(df, headers, RESULT_FORMATS)
+
+
+PARETO_HEADERS = {
+    "dataset": "dataset", "backbone_short": "backbone", "head": "head", "curve": "curve", "runs": "runs",
+    "undominated": "undominated", "best_within_1": "best within 1 layer", "best_within_2": "best within 2 layers",
+    "fewest_layers_at_full": "fewest layers at >= full", "oracle_gap": "oracle gap", "calibrated_runs": "calibrated",
+}
+PARETO_FORMATS = {"fewest_layers_at_full": ".2f", "oracle_gap": ".3f"}
+
+
+def pareto_markdown(df: pd.DataFrame) -> str:
+    """The trade-off section: how curves, costs, dominance and the oracle gap are defined, then one row per curve
+    (:func:`raee.report.pareto.curve_table`)."""
+    from raee.report.pareto import curve_table
+
+    table = curve_table(df)
+    if not len(table):
+        return "No runs to draw curves from."
+    table = table.assign(backbone_short=[str(b).rstrip("/").split("/")[-1] for b in table["backbone"]])
+    refs = table.drop_duplicates(["dataset", "backbone", "head"])
+    lines = [
+        "Cost = mean backbone layers computed per example (layers run before planning count for every example; "
+        "a separate key encoder's time is in the wall-clock only). A run is dominated when another run of the same "
+        "dataset/backbone/head (oracle excluded) is at least as accurate at no more cost. Oracle gap: within the "
+        "box from the oracle's point (its layers, its accuracy) to the full model (L layers, its accuracy), the "
+        "share of the area the curve's runs do not reach (0 = reaches the oracle, 1 = never more accurate than the "
+        "full model).", "",
+        *(f"- {r['dataset']} | {r['backbone_short']} | {r['head']}: full model {r['full_value']:.4f}; oracle "
+          f"{r['oracle_value']:.4f} at {r['oracle_cost']:.2f} layers" for _, r in refs.iterrows()), "",
+        markdown_table(table, PARETO_HEADERS, PARETO_FORMATS)]
+    return "\n".join(lines)
 
 
 def failed_markdown(failed: pd.DataFrame) -> str:

@@ -1,0 +1,1 @@
+"""raee's Hydra plugins (Hydra finds plugins in the ``hydra_plugins`` namespace package)."""

@@ -1,0 +1,32 @@
+"""Retrieval + confidence hybrid (exit=raee_dynamic): the head and the neighbours as two experts.
+
+posterior_l(c) ∝ p_l(c) * q(c)^weight, with p_l the example's own head distribution at layer l and q the
+neighbours' nearness-weighted, smoothed label distribution (:func:`~raee.aggregation.base.label_vote`);
+estimate(l) = posterior_l(ŷ_l), the combined belief in the head's prediction ŷ_l = argmax p_l. A confident
+head that its neighbours agree with leaves early; disagreement or doubt keeps the example running.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raee.aggregation.base import LayerRule, Neighbours, label_vote
+
+
+class VotePosterior(LayerRule):
+    def __init__(self, threshold: float = 0.9, weight: float = 2.0, smoothing: float = 1.0) -> None:
+        if float(weight) < 0:
+            raise ValueError(f"aggregator.weight={weight} must be >= 0 (0 ignores the neighbours: a max-probability rule)")
+        if float(smoothing) <= 0:
+            raise ValueError(f"aggregator.smoothing={smoothing} must be > 0 (keeps every class possible)")
+        self.threshold = float(threshold)
+        self.weight = float(weight)
+        self.smoothing = float(smoothing)
+
+    def summarize(self, nb: Neighbours, num_classes: int) -> torch.Tensor:
+        """(Q, C) weight x log of the neighbours' label vote (> 0 everywhere: smoothing > 0)."""
+        return self.weight * label_vote(nb, num_classes, self.smoothing).log()
+
+    def estimate(self, layer: int, probs: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+        posterior = torch.softmax(probs.float().clamp(min=1e-12).log() + summary.to(probs.device), dim=-1)
+        return posterior.gather(1, probs.argmax(-1, keepdim=True)).squeeze(1)
