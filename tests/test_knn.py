@@ -61,8 +61,8 @@ def _toy_knn(backbone, texts, labels, k, vote="majority"):
     n, width = len(texts), backbone.num_layers + 1
     info = ExitInfo(preds=torch.zeros(n, width, dtype=torch.long), probs=torch.ones(n, width),
                     correct=torch.zeros(n, width, dtype=torch.bool), labels=torch.tensor(labels))
-    db = ExitDatabase(keys=keys, info=info, ids=torch.arange(n), meta=setup_description(backbone, head, keys_encoder),
-                      retriever=retriever)
+    db = ExitDatabase(keys=keys, info=info, ids=torch.arange(n),
+                      meta=setup_description(backbone, head, keys_encoder) | {"count": n}, retriever=retriever)
     strategy = KnnExit(keys_encoder, TorchExactRetriever(metric="ip"), k=k, vote=vote)
     strategy.use_database(db)
     strategy.prepare(backbone, head)

@@ -56,6 +56,16 @@ class ExitInfo:
         """N, the number of database examples."""
         return int(self.correct.shape[0])
 
+    def correct_share(self, chunk: int = 1 << 20) -> torch.Tensor:
+        """(L+1,) share of the database each layer gets right; read ``chunk`` rows at a time (the table may be
+        memory-mapped) and computed once."""
+        if getattr(self, "_correct_share", None) is None:
+            total = torch.zeros(self.num_layers + 1, dtype=torch.float64)
+            for start in range(0, self.size, chunk):
+                total += torch.as_tensor(self.correct[start:start + chunk]).double().sum(0).cpu()
+            self._correct_share = (total / max(self.size, 1)).float()
+        return self._correct_share
+
 
 @dataclass
 class Neighbours:

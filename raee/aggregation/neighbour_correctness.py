@@ -24,7 +24,7 @@ class NeighbourCorrectness(Aggregator):
         """(Q, L+1) estimated probability that each layer gets the query right."""
         nb = gather_neighbours(distances, ids, info)
         weights = nearest_weights(nb)  # (Q, k)
-        prior = info.correct.float().mean(0).to(weights.device)  # (L+1,)
+        prior = info.correct_share().to(weights.device)  # (L+1,)
         hits = (nb.correct.float() * weights.unsqueeze(-1)).sum(1)  # (Q, L+1)
         return (hits + self.strength * prior) / (weights.sum(1, keepdim=True) + self.strength).clamp(min=1e-12)
 

@@ -53,9 +53,12 @@ class KnnExit(RaeeExit):
     def prepare(self, backbone: LayerwiseBackbone, head: Any) -> None:
         super().prepare(backbone, head)
         self.num_classes = head.num_classes
-        if int(self.db.info.labels.max()) >= self.num_classes:
-            raise ValueError(f"the exit database holds label {int(self.db.info.labels.max())}, but the task has "
+        counts = label_counts(self.db.info.labels)
+        if len(counts) > self.num_classes:
+            raise ValueError(f"the exit database holds label {len(counts) - 1}, but the task has "
                              f"{self.num_classes} classes: rebuild the database for this dataset")
+        self.prior = torch.zeros(self.num_classes)
+        self.prior[: len(counts)] = counts.float()
 
     def plan(self, state: LayerState, ctx: BatchContext) -> torch.Tensor:
         """Everyone stops at the key layer (the exit loop asks :meth:`own_logits` first and stops there)."""
@@ -64,21 +67,35 @@ class KnnExit(RaeeExit):
     def own_logits(self, state: LayerState, ctx: BatchContext) -> torch.Tensor:
         distances, ids = self.neighbours(state, ctx.texts, ctx.timings)
         start = time.perf_counter()
-        logits = neighbour_vote(distances, ids, self.db.info.labels, self.num_classes, self.vote, self.temperature)
+        logits = neighbour_vote(distances, ids, self.db.info.labels, self.num_classes, self.vote, self.temperature,
+                                prior=self.prior)
         add_time(ctx.timings, "retrieval_vote", time.perf_counter() - start)
         self.last = {"ids": ids, "distances": distances, "logits": logits}
         return logits.to(state.hidden.device)
 
 
-def neighbour_vote(distances: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                   vote: str = "majority", temperature: float = 0.1) -> torch.Tensor:
-    """distances (Q, k), smaller = nearer; ids (Q, k), -1 = no hit; labels (N,) of the database ->
-    (Q, C) log vote shares. A query without a valid neighbour gets the database's label frequencies."""
+def label_counts(labels: Any, chunk: int = 1 << 20) -> torch.Tensor:
+    """How many database examples carry each class id, read ``chunk`` rows at a time (the labels may be a
+    memory-mapped table of millions of rows)."""
+    counts = torch.zeros(0, dtype=torch.long)
+    for start in range(0, len(labels), chunk):
+        part = torch.bincount(torch.as_tensor(labels[start:start + chunk]).long())
+        width = max(len(counts), len(part))
+        counts = torch.nn.functional.pad(counts, (0, width - len(counts))) + \
+            torch.nn.functional.pad(part, (0, width - len(part)))
+    return counts
+
+
+def neighbour_vote(distances: torch.Tensor, ids: torch.Tensor, labels: Any, num_classes: int,
+                   vote: str = "majority", temperature: float = 0.1, prior: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """distances (Q, k), smaller = nearer; ids (Q, k), -1 = no hit; labels (N,) of the database (a tensor or
+    a memory-mapped table: only the neighbours' rows are read) -> (Q, C) log vote shares. A query without
+    a valid neighbour gets ``prior``, the database's label counts (counted here when not given)."""
     ids = torch.as_tensor(ids).long()
     distances = torch.as_tensor(distances).float()
-    labels = torch.as_tensor(labels).long()
     valid = (ids >= 0) & torch.isfinite(distances)
-    neighbour_labels = labels[ids.clamp(min=0)]  # (Q, k)
+    neighbour_labels = torch.as_tensor(labels[ids.clamp(min=0)]).long()  # (Q, k)
     if vote == "majority":
         weights = valid.float()
         nearest = torch.where(valid, distances, torch.full_like(distances, torch.inf)).argmin(1, keepdim=True)
@@ -88,7 +105,9 @@ def neighbour_vote(distances: torch.Tensor, ids: torch.Tensor, labels: torch.Ten
         weights = torch.softmax(torch.where(valid.any(1, keepdim=True), scaled, torch.zeros_like(scaled)), 1)
         weights = weights * valid
     scores = torch.zeros(ids.shape[0], num_classes).scatter_add_(1, neighbour_labels, weights)
-    prior = torch.bincount(labels, minlength=num_classes).float()
+    if prior is None:
+        counts = label_counts(labels)[:num_classes].float()
+        prior = torch.nn.functional.pad(counts, (0, num_classes - len(counts)))
     scores = torch.where(valid.any(1, keepdim=True), scores, prior.unsqueeze(0))
     shares = scores / scores.sum(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     return shares.clamp(min=1e-12).log()
