@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from raee.assets import sha256_file as file_sha256
 from raee.database.tables import ShardedTable
 
 SHARDS_DIR = "shards"
@@ -75,14 +76,6 @@ def encode_rows(keys: np.ndarray, labels: np.ndarray, preds: np.ndarray, probs: 
             "preds": np.asarray(preds), "probs": (1.0 - np.asarray(probs, dtype=np.float32)).astype(np.float16),
             "correct": np.packbits(np.asarray(correct, dtype=bool), axis=1, bitorder="little"),
             "ids": np.asarray(ids)}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ShardWriter:
