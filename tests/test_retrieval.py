@@ -462,6 +462,9 @@ def test_storage_modes_search_and_extend_like_an_index_in_memory(tmp_path, facto
     assert files == {"index.faiss", "retriever.json"} | ({"index.ivfdata"} if storage == "ondisk" else set())
     loaded = FaissRetriever.load(tmp_path / "ix")
     assert loaded.storage == storage and np.array_equal(loaded.search(queries, 10)[1], expected)
+    if storage == "ondisk":  # no page-in threads started per search call (they cost more than a batch-1 search)
+        assert faiss.downcast_InvertedLists(ivf_of(loaded).invlists).prefetch_nthread == 0
+        assert faiss.downcast_InvertedLists(ivf_of(r).invlists).prefetch_nthread == 0
     if storage == "mmap":  # mapped read-only: adding is refused (FAISS itself would abort the process)
         with pytest.raises(ValueError, match="read-only.*writable=True"):
             loaded.add(more)
