@@ -93,7 +93,7 @@ def test_adding_in_parts_equals_adding_at_once():
     # the paper scripts' IVF with an HNSW coarse quantizer, nprobe and efSearch both applied
     ("IVFauto_HNSW32,PQ32", {"nprobe": 16, "ef_search": 64}),
     # coarse 8-byte PQ codes (recall ~0.7 alone) re-ranked with the exact keys (RFlat)
-    ("HNSW32_PQ8,RFlat", {"ef_search": 128, "params": "k_factor_rf=4"}),
+    ("HNSW32_PQ8,RFlat", {"ef_search": 128, "k_factor": 4}),
 ])
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_approximate_indexes_reach_recall(factory, kwargs, metric):
@@ -140,8 +140,45 @@ def test_nprobe_and_ef_search_are_really_applied(tmp_path):
         "factory": "IVFauto_HNSW32,Flat", "metric": "ip", "dim": 16, "ntotal": 3000, "nprobe": 5, "ef_search": 55}
 
 
+def test_k_factor_reaches_the_refine_index_and_re_ranking_more_candidates_finds_more_neighbours(tmp_path):
+    keys, queries = data(n=3000, d=32, seed=2)
+    i_ref = reference_ids(keys, queries)
+    recalls = {}
+    for k_factor in (1, 8):  # coarse 4-byte codes; only the re-ranking with SQ8 keys separates neighbours
+        r = FaissRetriever("IVF32,PQ4,Refine(SQ8)", nprobe=32, k_factor=k_factor)
+        r.add(keys)
+        assert faiss.downcast_index(r.index).k_factor == k_factor and ivf_of(r).nprobe == 32
+        recalls[k_factor] = recall_at(r.search(queries, 10)[1], i_ref)
+    assert recalls[8] > recalls[1] + 0.1, f"re-ranking 8x the candidates must find more true neighbours: {recalls}"
+    r.save(tmp_path / "ix")  # stored in retriever.json, applied again when loaded
+    assert json.loads((tmp_path / "ix" / "retriever.json").read_text())["k_factor"] == 8
+    assert faiss.downcast_index(FaissRetriever.load(tmp_path / "ix").index).k_factor == 8
+
+
+def test_the_large_database_config_sets_its_search_knobs_on_the_index(tmp_path):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "retriever" / "faiss_ivfpq.yaml")
+    assert cfg.k_factor > 1, "FAISS's default k_factor 1 re-ranks only the k candidates it returns"
+    keys, _ = data(n=3000)
+    r = instantiate(cfg, storage="memory", use_gpu=False)
+    r.add(keys)
+    for index in (r.index, FaissRetriever.load(_saved(r, tmp_path)).index):
+        ivf = faiss.extract_index_ivf(index)
+        assert ivf.nprobe == cfg.nprobe
+        assert faiss.downcast_index(ivf.quantizer).hnsw.efSearch == cfg.ef_search
+        assert faiss.downcast_index(index).k_factor == cfg.k_factor
+
+
+def _saved(r, tmp_path):
+    r.save(tmp_path / "ix")
+    return tmp_path / "ix"
+
+
 @pytest.mark.parametrize("factory,kwargs,knob", [("Flat", {"nprobe": 8}, "nprobe"), ("HNSW32", {"nprobe": 8}, "nprobe"),
-                                                 ("Flat", {"ef_search": 8}, "ef_search")])
+                                                 ("Flat", {"ef_search": 8}, "ef_search"),
+                                                 ("IVF8,Flat", {"k_factor": 4}, "k_factor")])
 def test_a_knob_that_does_not_fit_the_index_is_an_error(factory, kwargs, knob):
     with pytest.raises(ValueError, match=rf"retriever\.{knob}=null"):
         FaissRetriever(factory, **kwargs).add(data(n=100)[0])
@@ -150,6 +187,8 @@ def test_a_knob_that_does_not_fit_the_index_is_an_error(factory, kwargs, knob):
 def test_bad_settings_are_refused_early():
     with pytest.raises(ValueError, match="nprobe=0"):
         FaissRetriever("IVFauto,Flat", nprobe=0)
+    with pytest.raises(ValueError, match="k_factor=0"):
+        FaissRetriever("IVFauto,Flat,RFlat", k_factor=0)
     with pytest.raises(ValueError, match="use_gpu"):
         FaissRetriever("Flat", use_gpu="sometimes")
     with pytest.raises(ValueError, match="name=number"):
@@ -395,7 +434,7 @@ def test_scale_configs_build_on_the_cpu(tmp_path):
 # ---------------------------------------------------------------------------- storage, streaming, GPU choice
 @pytest.mark.parametrize("factory,kwargs", [
     ("Flat", {}), ("HNSW32", {"ef_search": 64}), ("IVF32,Flat", {"nprobe": 8}), ("IVF32,PQ8", {"nprobe": 8}),
-    ("IVF32,PQ8,Refine(SQ8)", {"nprobe": 8, "params": "k_factor_rf=4"}), ("IVF32_HNSW32,PQ8", {"nprobe": 8}),
+    ("IVF32,PQ8,Refine(SQ8)", {"nprobe": 8, "k_factor": 4}), ("IVF32_HNSW32,PQ8", {"nprobe": 8}),
 ])
 @pytest.mark.parametrize("storage", ["memory", "mmap", "ondisk"])
 def test_storage_modes_search_and_extend_like_an_index_in_memory(tmp_path, factory, kwargs, storage):
@@ -423,6 +462,9 @@ def test_storage_modes_search_and_extend_like_an_index_in_memory(tmp_path, facto
     assert files == {"index.faiss", "retriever.json"} | ({"index.ivfdata"} if storage == "ondisk" else set())
     loaded = FaissRetriever.load(tmp_path / "ix")
     assert loaded.storage == storage and np.array_equal(loaded.search(queries, 10)[1], expected)
+    if storage == "ondisk":  # no page-in threads started per search call (they cost more than a batch-1 search)
+        assert faiss.downcast_InvertedLists(ivf_of(loaded).invlists).prefetch_nthread == 0
+        assert faiss.downcast_InvertedLists(ivf_of(r).invlists).prefetch_nthread == 0
     if storage == "mmap":  # mapped read-only: adding is refused (FAISS itself would abort the process)
         with pytest.raises(ValueError, match="read-only.*writable=True"):
             loaded.add(more)

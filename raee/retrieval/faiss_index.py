@@ -3,9 +3,11 @@
 - ``factory`` is a FAISS index_factory string. The RAEE paper's notation ``HNSW32_PQ64`` is
   accepted (turned into FAISS's ``HNSW32,PQ64``), and ``IVFauto`` picks nlist ~ 8 sqrt(N) as the
   paper's scripts do (capped at N / 39 so that k-means gets its 39 points per centroid).
-- nprobe (IVF) and efSearch (HNSW, or the HNSW coarse quantizer of ``IVF..._HNSW32``) are
-  applied for real (the paper's scripts parsed nprobe and never set it); a knob that does not
-  fit the index is an error, not silently ignored.
+- nprobe (IVF), efSearch (HNSW, or the HNSW coarse quantizer of ``IVF..._HNSW32``) and k_factor
+  (``Refine(...)``/``RFlat``: the approximate index returns k_factor x k candidates, re-ranked with
+  the finer codes; FAISS's own default of 1 re-ranks only the k it returns) are set through
+  ``faiss.ParameterSpace`` whenever the index is built or loaded (the paper's scripts parsed
+  nprobe and never set it); a knob that does not fit the index is an error, not silently ignored.
 - Indexes that train (IVF, PQ, SQ) are trained on a sample of the keys: :meth:`FaissRetriever.train`
   takes it (the exit database draws a seeded sample of ``train_size`` keys, default
   :func:`auto_train_size`), then keys are added shard by shard.
@@ -19,8 +21,8 @@
   IndexShards). storage=ondisk builds on the CPU and is copied to the GPU(s) when loaded.
 
 On disk: ``index.faiss`` (faiss.write_index, always the CPU form), ``index.ivfdata`` (storage=ondisk)
-and ``retriever.json`` (factory, resolved factory, metric, dim, ntotal, nprobe, ef_search, params,
-use_gpu, storage, train_size).
+and ``retriever.json`` (factory, resolved factory, metric, dim, ntotal, nprobe, ef_search, k_factor,
+params, use_gpu, storage, train_size).
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ STORAGES = ("memory", "mmap", "ondisk")
 TRAIN_POINTS_PER_LIST = 64
 MIN_TRAIN_SAMPLE = 65536
 MAX_TRAIN_SAMPLE_BYTES = 1 << 30
+#: threads FAISS's on-disk lists start on every search call to page the probed lists in ahead (FAISS
+#: default 32). The lists file is memory-mapped and pages in on demand anyway; for batch-1 queries the
+#: threads cost more than the search (2-3x the wall time, 100k keys, nprobe 16), so none are started.
+ONDISK_PREFETCH_THREADS = 0
 _BLAS_SET = False
 
 
@@ -172,12 +178,14 @@ class FaissRetriever(Retriever):
 
     def __init__(self, factory: str = "Flat", metric: str = "ip", nprobe: int | None = None,
                  ef_search: int | None = None, params: str | None = None, use_gpu: str | bool = "auto",
-                 storage: str = "memory", train_size: int | None = None) -> None:
-        """params: further FAISS ParameterSpace settings, e.g. "k_factor_rf=4" for an RFlat re-ranker.
+                 storage: str = "memory", train_size: int | None = None, k_factor: int | None = None) -> None:
+        """k_factor: re-ranked candidates per neighbour asked for (Refine/RFlat factories only).
+        params: further FAISS ParameterSpace settings, e.g. "max_codes=4096".
         storage: "memory", "mmap" or "ondisk" (see the module docstring).
         train_size: keys sampled to train the index (null: :func:`auto_train_size`)."""
         super().__init__(metric)
-        for name, value in (("nprobe", nprobe), ("ef_search", ef_search), ("train_size", train_size)):
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search), ("train_size", train_size),
+                            ("k_factor", k_factor)):
             if value is not None and int(value) < 1:
                 raise ValueError(f"retriever.{name}={value} must be at least 1 (or null for the default)")
         if storage not in STORAGES:
@@ -186,6 +194,7 @@ class FaissRetriever(Retriever):
         self.factory = str(factory)
         self.nprobe = None if nprobe is None else int(nprobe)
         self.ef_search = None if ef_search is None else int(ef_search)
+        self.k_factor = None if k_factor is None else int(k_factor)
         self.params = params or None
         self.use_gpu = _normalise_use_gpu(use_gpu)
         self.storage = storage
@@ -367,6 +376,7 @@ class FaissRetriever(Retriever):
             with _c_stdout_silenced():
                 merged.merge_from_multiple(sources.data(), sources.size(), False)
             merged.read_only = True  # never added to in place (see _add_on_disk)
+            merged.prefetch_nthread = ONDISK_PREFETCH_THREADS
             ivf.replace_invlists(merged, True)  # frees the old main lists
             merged.this.disown()
         merged.filename = str(target)
@@ -376,7 +386,7 @@ class FaissRetriever(Retriever):
         self._delta = None
 
     def _apply_search_params(self) -> None:
-        """Set nprobe / efSearch / params on the index itself (ParameterSpace reaches through wrappers)."""
+        """Set nprobe / efSearch / k_factor / params on the index itself (ParameterSpace reaches through wrappers)."""
         faiss = import_faiss()
         settings: list[tuple[str, str, float]] = []  # (knob for errors, FAISS name, value)
         if self.nprobe is not None:
@@ -389,6 +399,8 @@ class FaissRetriever(Retriever):
                 ivf = faiss.try_extract_index_ivf(self.index)
                 settings.append(("ef_search", "quantizer_efSearch" if ivf is not None else "efSearch",
                                  self.ef_search))
+        if self.k_factor is not None:
+            settings.append(("k_factor", "k_factor_rf", self.k_factor))
         settings += [("params", name, value) for name, value in _parse_params(self.params)]
         space = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
         for knob, name, value in settings:
@@ -397,7 +409,8 @@ class FaissRetriever(Retriever):
             except RuntimeError as err:
                 raise ValueError(f"retriever.{knob}: FAISS cannot set {name}={value:g} on index '{self.resolved}' "
                                  f"({_faiss_message(err)}); nprobe is for IVF indexes, ef_search for "
-                                 f"HNSW ones: set retriever.{knob}=null for this factory") from err
+                                 f"HNSW ones, k_factor for Refine(...)/RFlat ones: set retriever.{knob}=null "
+                                 "for this factory") from err
 
     # ------------------------------------------------------------------ search
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -435,7 +448,7 @@ class FaissRetriever(Retriever):
         path, meta = open_index(directory, INDEX_FILE)
         try:
             out = cls(factory=meta["factory"], metric=meta["metric"], nprobe=meta.get("nprobe"),
-                      ef_search=meta.get("ef_search"), params=meta.get("params"),
+                      ef_search=meta.get("ef_search"), k_factor=meta.get("k_factor"), params=meta.get("params"),
                       use_gpu=meta.get("use_gpu", "auto") if use_gpu is None else use_gpu,
                       storage=meta.get("storage", "memory"), train_size=meta.get("train_size"))
         except KeyError as err:
@@ -468,7 +481,7 @@ class FaissRetriever(Retriever):
 
     def describe(self) -> dict[str, Any]:
         return {"type": "faiss", "factory": self.factory, "metric": self.metric, "nprobe": self.nprobe,
-                "ef_search": self.ef_search, "params": self.params, "use_gpu": self.use_gpu,
+                "ef_search": self.ef_search, "k_factor": self.k_factor, "params": self.params, "use_gpu": self.use_gpu,
                 "storage": self.storage, "train_size": self.train_size_setting}
 
 
@@ -487,6 +500,7 @@ def _map_lists(faiss: Any, index: Any, data: Path) -> None:
                          f"{int(lists.totsize)}): {REBUILD_HINT}")
     lists.filename = str(data)
     lists.read_only = True  # never added to in place (see FaissRetriever._add_on_disk)
+    lists.prefetch_nthread = ONDISK_PREFETCH_THREADS
     lists.do_mmap()
 
 
