@@ -196,7 +196,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     import faiss
     import torch
 
-    from raee.database import ExitDatabase, store
+    from raee.database import FORMAT_VERSION, ExitDatabase, store
     from raee.database.build import finish_database
     from raee.retrieval import FaissRetriever
 
@@ -218,7 +218,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         writer.add(keys=keys, labels=y, preds=preds, probs=rng.uniform(0.2, 1.0, correct.shape), correct=correct,
                    ids=np.arange(number * CHUNK, number * CHUNK + len(y)))
     shards = writer.close()
-    meta = {"format": 2, "backbone": "synthetic", "num_layers": LAYERS, "head": {}, "key_encoder": {},
+    meta = {"format": FORMAT_VERSION, "backbone": "synthetic", "num_layers": LAYERS, "head": {}, "key_encoder": {},
             "seed": spec["seed"], "keep_keys": False, "label_names": ["0", "1", "2", "3", "4"]}
     finish_database(directory, FaissRetriever(**spec["retriever"]), meta, shards, progress=False)
     build_s = time.perf_counter() - started
