@@ -49,21 +49,11 @@ def task_type(datamodule: Any) -> str:
     return "regression" if getattr(datamodule, "is_regression", False) else "classification"
 
 
-def head_settings(head: Head) -> dict[str, Any]:
-    """The head's plain constructor settings (learning rate, epochs, ...), beside :meth:`Head.describe`
-    in the cache key: a head fitted with other training settings is another entry."""
-    settings = {k: v for k, v in vars(head).items()
-                if not k.startswith("_") and k not in ("training", "checkpoint", "label_names", "num_layers")
-                and isinstance(v, (bool, int, float, str, type(None)))}
-    for name, module in head.named_children():
-        if isinstance(module, torch.nn.Dropout):
-            settings[f"{name}.p"] = module.p
-    return settings
-
-
 def head_cache_key(backbone: LayerwiseBackbone, head: Head, datamodule: Any) -> str:
-    return fingerprint({"backbone": backbone.describe(), "head": head.describe(), "settings": head_settings(head),
-                        "data": data_description(datamodule)})
+    """A fitted head's cache entry: backbone, head and training data. :meth:`Head.describe` carries every
+    setting the fit reads (a LinearHead's learning rates, epochs, seed, ...), as the exit databases'
+    keys rely on it too."""
+    return fingerprint({"backbone": backbone.describe(), "head": head.describe(), "data": data_description(datamodule)})
 
 
 def _check_head_files(directory: Path) -> None:
