@@ -10,6 +10,7 @@ Shapes: Q queries, k neighbours each, N database examples, L+1 layers (0 = embed
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
@@ -56,15 +57,29 @@ class ExitInfo:
         """N, the number of database examples."""
         return int(self.correct.shape[0])
 
-    def correct_share(self, chunk: int = 1 << 20) -> torch.Tensor:
-        """(L+1,) share of the database each layer gets right; read ``chunk`` rows at a time (the table may be
-        memory-mapped) and computed once."""
+    def correct_share(self) -> torch.Tensor:
+        """(L+1,) share of the database each layer gets right (computed once)."""
         if getattr(self, "_correct_share", None) is None:
-            total = torch.zeros(self.num_layers + 1, dtype=torch.float64)
-            for start in range(0, self.size, chunk):
-                total += torch.as_tensor(self.correct[start:start + chunk]).double().sum(0).cpu()
+            total = sum((part.double().sum(0) for part in self._chunks(self.correct)),
+                        torch.zeros(self.num_layers + 1, dtype=torch.float64))
             self._correct_share = (total / max(self.size, 1)).float()
         return self._correct_share
+
+    def label_counts(self) -> torch.Tensor:
+        """(max label + 1,) how many database examples carry each class id (computed once)."""
+        if getattr(self, "_label_counts", None) is None:
+            counts = torch.zeros(0, dtype=torch.long)
+            for part in self._chunks(self.labels):
+                part = torch.bincount(part.long(), minlength=len(counts))
+                counts = torch.nn.functional.pad(counts, (0, len(part) - len(counts))) + part
+            self._label_counts = counts
+        return self._label_counts
+
+    def _chunks(self, table: Table, rows: int = 1 << 20) -> Iterator[torch.Tensor]:
+        """``table`` read ``rows`` rows at a time as tensors: a memory-mapped table of millions of rows is
+        never read whole."""
+        for start in range(0, self.size, rows):
+            yield torch.as_tensor(table[start:start + rows]).cpu()
 
 
 @dataclass

@@ -53,7 +53,7 @@ class KnnExit(RaeeExit):
     def prepare(self, backbone: LayerwiseBackbone, head: Any) -> None:
         super().prepare(backbone, head)
         self.num_classes = head.num_classes
-        counts = label_counts(self.db.info.labels)
+        counts = self.db.info.label_counts()
         if len(counts) > self.num_classes:
             raise ValueError(f"the exit database holds label {len(counts) - 1}, but the task has "
                              f"{self.num_classes} classes: rebuild the database for this dataset")
@@ -74,24 +74,13 @@ class KnnExit(RaeeExit):
         return logits.to(state.hidden.device)
 
 
-def label_counts(labels: Any, chunk: int = 1 << 20) -> torch.Tensor:
-    """How many database examples carry each class id, read ``chunk`` rows at a time (the labels may be a
-    memory-mapped table of millions of rows)."""
-    counts = torch.zeros(0, dtype=torch.long)
-    for start in range(0, len(labels), chunk):
-        part = torch.bincount(torch.as_tensor(labels[start:start + chunk]).long())
-        width = max(len(counts), len(part))
-        counts = torch.nn.functional.pad(counts, (0, width - len(counts))) + \
-            torch.nn.functional.pad(part, (0, width - len(part)))
-    return counts
-
-
 def neighbour_vote(distances: torch.Tensor, ids: torch.Tensor, labels: Any, num_classes: int,
                    vote: str = "majority", temperature: float = 0.1, prior: torch.Tensor | None = None
                    ) -> torch.Tensor:
     """distances (Q, k), smaller = nearer; ids (Q, k), -1 = no hit; labels (N,) of the database (a tensor or
     a memory-mapped table: only the neighbours' rows are read) -> (Q, C) log vote shares. A query without
-    a valid neighbour gets ``prior``, the database's label counts (counted here when not given)."""
+    a valid neighbour gets ``prior``, the database's label counts (counted from ``labels`` when not given;
+    :meth:`ExitInfo.label_counts` counts a large table once)."""
     ids = torch.as_tensor(ids).long()
     distances = torch.as_tensor(distances).float()
     valid = (ids >= 0) & torch.isfinite(distances)
@@ -106,8 +95,7 @@ def neighbour_vote(distances: torch.Tensor, ids: torch.Tensor, labels: Any, num_
         weights = weights * valid
     scores = torch.zeros(ids.shape[0], num_classes).scatter_add_(1, neighbour_labels, weights)
     if prior is None:
-        counts = label_counts(labels)[:num_classes].float()
-        prior = torch.nn.functional.pad(counts, (0, num_classes - len(counts)))
+        prior = torch.bincount(torch.as_tensor(labels[:]).long(), minlength=num_classes)[:num_classes].float()
     scores = torch.where(valid.any(1, keepdim=True), scores, prior.unsqueeze(0))
     shares = scores / scores.sum(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     return shares.clamp(min=1e-12).log()
