@@ -16,8 +16,12 @@ The module is light (no torch import) because Hydra's logging config may name it
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from typing import Any
+
+#: batches between progress-bar refreshes when the console is a log file (tqdm writes a refresh each time)
+LOG_REFRESH_STEPS = 10
 
 #: loggers of libraries whose INFO lines are details, not events of a run
 THIRD_PARTY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
@@ -72,17 +76,28 @@ def quiet_console(log_level: str | int = "WARNING") -> None:
             warnings.filterwarnings("ignore", message=message, category=category)
 
 
-def labelled_progress_bar(description: str) -> Any:
-    """Lightning's default progress bar (rich when installed, else tqdm) with its test pass named
-    ``description``, so that the passes of one run (full model, oracle, method) tell themselves apart."""
+def labelled_progress_bar(description: str | None = None) -> Any:
+    """Lightning's progress bar, readable wherever the console goes: rich on a terminal; tqdm when stdout
+    is a file or a pipe (a job's log), because rich draws nothing there until the end, so a long fine-tune
+    would look hung. ``description`` names the test pass, so that the passes of one run (full model,
+    oracle, method) tell themselves apart."""
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
     from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
-    base = RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar
+    terminal = sys.stdout.isatty()
+    base = RichProgressBar if _RICH_AVAILABLE and terminal else TQDMProgressBar
+    # in a log every refresh is a line's worth of bytes: refresh every LOG_REFRESH_STEPS batches there
+    kwargs = {} if terminal or base is RichProgressBar else {"refresh_rate": LOG_REFRESH_STEPS}
 
     class LabelledProgressBar(base):  # type: ignore[misc, valid-type]
         @property
         def test_description(self) -> str:
-            return description
+            return description or super().test_description
 
-    return LabelledProgressBar()
+        def init_test_tqdm(self) -> Any:  # tqdm only: Lightning's is named "Testing" whatever the description
+            from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+            return Tqdm(desc=self.test_description, position=2 * self.process_position, disable=self.is_disabled,
+                        leave=True, dynamic_ncols=True, file=sys.stdout, bar_format=self.BAR_FORMAT)
+
+    return LabelledProgressBar(**kwargs)

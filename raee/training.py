@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from raee.backbones.base import LayerwiseBackbone
 from raee.features import encode_batch
+from raee.logs import labelled_progress_bar
 from raee.heads.linear import LinearHead
 
 
@@ -102,6 +103,7 @@ def train_linear_head(backbone: LayerwiseBackbone, head: LinearHead, datamodule:
     module = LinearHeadTraining(backbone, head)
     kwargs = dict(max_epochs=head.max_epochs, logger=False, enable_checkpointing=False,
                   enable_progress_bar=progress, enable_model_summary=False, accelerator="cpu",
+                  callbacks=[labelled_progress_bar()] if progress else None,
                   num_sanity_val_steps=0, gradient_clip_val=head.gradient_clip_val if head.finetune_backbone else None)
     kwargs.update(trainer_kwargs)
     trainer = L.Trainer(**kwargs)

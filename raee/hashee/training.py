@@ -17,6 +17,7 @@ import torch
 
 from raee.backbones.base import LayerwiseBackbone
 from raee.features import encode_batch
+from raee.logs import labelled_progress_bar
 from raee.hashee.token_layer import TokenExits, forward_with_token_exits
 from raee.training import parameter_groups, task_loss, warmup_linear_adamw
 
@@ -73,6 +74,7 @@ def finetune_with_token_exits(backbone: LayerwiseBackbone, head: Any, exits: Tok
     trainer = L.Trainer(
         max_epochs=max_epochs, max_steps=max_steps, accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=progress,
+        callbacks=[labelled_progress_bar()] if progress else None,
         enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=gradient_clip_val,
         limit_train_batches=1.0 if limit_train_batches is None else limit_train_batches)
     backbone.train()  # dropout on, as in the paper's fine-tuning
