@@ -285,6 +285,32 @@ def test_vote_posterior_by_hand():
         VotePosterior(smoothing=0.0)
 
 
+class Unreadable:
+    """A per-layer table that fails when read: a rule that only needs labels must not touch it."""
+
+    shape = CORRECT.shape
+    device = torch.device("cpu")
+
+    def __getitem__(self, rows):
+        raise AssertionError("a label-only rule read a per-layer table")
+
+
+@pytest.mark.parametrize("rule", [VotePosterior(), NeighbourVote()])
+def test_label_rules_read_no_per_layer_table(rule):
+    labels = torch.tensor([0, 1, 0, 1])
+    info = ExitInfo(preds=Unreadable(), probs=Unreadable(), correct=Unreadable(), labels=labels)
+    nb = gather_neighbours(torch.tensor([[0.1, 0.2]]), torch.tensor([[0, 1]]), info)
+    estimate = rule.estimate(1, torch.tensor([[0.9, 0.1]]), rule.summarize(nb, 2))
+    assert estimate.shape == (1,)
+    with pytest.raises(AssertionError, match="read a per-layer table"):
+        nb.correct  # noqa: B018 - read on first use
+    # on real tables the lazy fields equal an eager read
+    nb = gather_neighbours(torch.tensor([[0.1, float("inf")]]), torch.tensor([[2, 0]]), INFO)
+    assert nb.correct.tolist() == [[CORRECT[2].tolist(), [False] * 4]]
+    torch.testing.assert_close(nb.probs, torch.stack([PROBS[2], torch.zeros(4)]).unsqueeze(0))
+    assert nb.preds[0, 1].tolist() == [-1] * 4
+
+
 def test_neighbour_correctness_by_hand():
     # weights 1, 0.5, 1; correct per layer: [0,1,0], [1,1,1], [1,1,1] -> shares 0.5/2.5, 1, 1
     rule = NeighbourCorrectness(threshold=0.9, strength=0.0)

