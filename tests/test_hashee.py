@@ -342,6 +342,40 @@ def test_head_without_classifiers_is_refused(tiny_bert):
         HashEEExit().fit(tiny_bert, head, toy_datamodule(n=6), progress=False)
 
 
+@pytest.mark.parametrize("hash_name", ["random", "frequency", "mi", "cluster", "random_occurrence"])
+def test_last_layer_spreads_hashed_tokens_below_it_while_special_and_unseen_tokens_run_every_layer(tiny_bert,
+                                                                                                   hash_name):
+    L = tiny_bert.num_layers
+    assert L >= 3, "the tiny model needs room below its last layer"
+    dm = toy_datamodule(n=12)
+    strategy = HashEEExit(hash=hash_name, first_layer=1, last_layer=2, max_epochs=0, seed=3)
+    strategy._layers = L
+    token_map = strategy.build_token_map(tiny_bert, _bound_head(tiny_bert), dm, progress=False)
+    tok = tiny_bert.tokenizer
+    enc = tok(list(dm.texts), padding=True, return_tensors="pt")
+    if token_map is None:  # per occurrence
+        strategy.use_occurrence_hash(tok.all_special_ids)
+    else:
+        strategy.use_token_map(token_map)
+    layers = strategy.assign(enc["input_ids"], enc["attention_mask"])
+    special = torch.isin(enc["input_ids"], torch.tensor(tok.all_special_ids))
+    real = enc["attention_mask"].bool() & ~special
+    assert set(layers[real].unique().tolist()) <= {1, 2}, "hashed tokens exit at layers 1..last_layer"
+    assert (layers[special] == L).all(), "[CLS], [SEP] and padding run every layer"
+    if hash_name in ("frequency", "mi"):
+        seen = set(enc["input_ids"].flatten().tolist())
+        unseen = [i for i in range(len(token_map)) if i not in seen and i not in tok.all_special_ids]
+        assert unseen and (token_map[unseen] == L).all(), "tokens unseen in training run every layer, as in the paper"
+    # the default (last_layer = L) keeps the old map and cache key
+    default = HashEEExit(hash=hash_name, max_epochs=0, seed=3)
+    assert "last_layer" not in default.training_settings()
+    assert strategy.training_settings()["last_layer"] == 2
+    with pytest.raises(ValueError, match="last_layer=1 is below exit.first_layer=2"):
+        HashEEExit(first_layer=2, last_layer=1)
+    with pytest.raises(ValueError, match="above the backbone"):
+        HashEEExit(last_layer=L + 1).validate(L)
+
+
 def test_bad_settings_and_missing_map_are_refused(tiny_backbones, tiny_bert):
     with pytest.raises(ValueError, match="choose one of"):
         HashEEExit(hash="sha256")

@@ -37,7 +37,8 @@ class HashEEExit(PlannedExit):
     supports_regression = True
     trains_head = True  # fine-tunes the layer-L classifier itself: the head is bound, not fitted, before fit()
 
-    def __init__(self, hash: str = "frequency", num_layers: int | None = None, first_layer: int = 1, seed: int = 42,
+    def __init__(self, hash: str = "frequency", num_layers: int | None = None, first_layer: int = 1,
+                 last_layer: int | None = None, seed: int = 42,
                  max_epochs: int = 1, lr: float = 2e-5, head_lr: float | None = None, weight_decay: float = 0.01,
                  warmup: float = 0.1, gradient_clip_val: float | None = 1.0,
                  limit_train_batches: int | float | None = None, max_steps: int = -1,
@@ -55,6 +56,10 @@ class HashEEExit(PlannedExit):
         self.hash = hash
         self.num_layers = None if num_layers is None else int(num_layers)
         self.first_layer = int(first_layer)
+        self.last_layer = None if last_layer is None else int(last_layer)
+        if self.last_layer is not None and self.last_layer < self.first_layer:
+            raise ValueError(f"exit.last_layer={last_layer} is below exit.first_layer={first_layer}: tokens exit in "
+                             "first_layer..last_layer; give last_layer >= first_layer (null = the backbone's L)")
         self.seed = int(seed)
         self.max_epochs, self.lr, self.head_lr = int(max_epochs), float(lr), head_lr
         self.weight_decay, self.warmup, self.gradient_clip_val = float(weight_decay), float(warmup), gradient_clip_val
@@ -76,13 +81,16 @@ class HashEEExit(PlannedExit):
 
     # ------------------------------------------------------------------ settings
     def knobs(self) -> dict[str, Any]:
-        return {"hash": self.hash, "first_layer": self.first_layer, "seed": self.seed, "max_epochs": self.max_epochs,
-                "lr": self.lr}
+        return {"hash": self.hash, "first_layer": self.first_layer, **self._last_layer_setting(), "seed": self.seed,
+                "max_epochs": self.max_epochs, "lr": self.lr}
+
+    def _last_layer_setting(self) -> dict[str, Any]:
+        # only when set: fine-tunes cached before the knob existed (last_layer = L) keep their cache keys
+        return {} if self.last_layer is None else {"last_layer": self.last_layer}
 
     def training_settings(self) -> dict[str, Any]:
-        return {"hash": self.hash, "first_layer": self.first_layer, "seed": self.seed, "max_epochs": self.max_epochs,
-                "lr": self.lr,
-                "head_lr": self.head_lr, "weight_decay": self.weight_decay, "warmup": self.warmup,
+        return {"hash": self.hash, "first_layer": self.first_layer, **self._last_layer_setting(), "seed": self.seed,
+                "max_epochs": self.max_epochs, "lr": self.lr, "head_lr": self.head_lr, "weight_decay": self.weight_decay, "warmup": self.warmup,
                 "gradient_clip_val": self.gradient_clip_val, "limit_train_batches": self.limit_train_batches,
                 "max_steps": self.max_steps, "kmeans_iterations": self.kmeans_iterations}
 
@@ -100,6 +108,13 @@ class HashEEExit(PlannedExit):
         if self.first_layer > num_layers:
             raise ValueError(f"exit.first_layer={self.first_layer} is above the backbone's {num_layers} layers: use "
                              f"1..{num_layers} ({num_layers} = no token exits)")
+        if self.last_layer is not None and self.last_layer > num_layers:
+            raise ValueError(f"exit.last_layer={self.last_layer} is above the backbone's {num_layers} layers: use "
+                             f"{self.first_layer}..{num_layers} or null (= {num_layers})")
+
+    def _last(self, num_layers: int) -> int:
+        """The last layer a hashed token can exit at (special and unseen tokens run all ``num_layers``)."""
+        return num_layers if self.last_layer is None else self.last_layer
 
     @staticmethod
     def _check_backbone(backbone: LayerwiseBackbone) -> None:
@@ -121,25 +136,39 @@ class HashEEExit(PlannedExit):
     # ------------------------------------------------------------------ the hash
     def build_token_map(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any,
                         progress: bool = True) -> torch.Tensor | None:
-        """(V,) exit layer per token id in first_layer..L, from the training split (or the embeddings / a
-        seed): the hash cuts the tokens into L - first_layer + 1 buckets. None for the per-occurrence hash,
-        which has no map."""
+        """(V,) exit layer per token id in first_layer..last_layer, from the training split (or the embeddings /
+        a seed): the hash cuts the tokens into last_layer - first_layer + 1 buckets; special tokens and, for the
+        counting hashes, tokens unseen in training run all L layers. None for the per-occurrence hash, which has
+        no map."""
+        L = backbone.num_layers
+        special = list(backbone.tokenizer.all_special_ids)
+        layers, seen = self._hash_types(backbone, head, datamodule, progress)
+        if layers is None or self._last(L) == L:
+            return layers  # the hashes already give special and unseen tokens the last bucket, layer L
+        layers[torch.tensor(special, dtype=torch.long)] = L
+        if seen is not None:
+            layers[~seen] = L
+        return layers
+
+    def _hash_types(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any, progress: bool
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(the (V,) map in first_layer..last_layer, (V,) bool types seen in training or None if not counted)."""
         from raee.features import encode_batch
 
         L = backbone.num_layers
-        buckets = L - self.first_layer + 1  # the hash spreads tokens over layers first_layer..L
+        buckets = self._last(L) - self.first_layer + 1  # the hash spreads tokens over first_layer..last_layer
         embeddings = backbone.model.get_input_embeddings().weight
         vocab_size = int(embeddings.shape[0])
         special = list(backbone.tokenizer.all_special_ids)
         if self.hash == "random_occurrence":
-            return None
+            return None, None
         if self.hash == "none":
-            return torch.full((vocab_size,), L, dtype=torch.long)
+            return torch.full((vocab_size,), L, dtype=torch.long), None
         if self.hash == "random":
-            return hashing.random_hash(vocab_size, buckets, self.seed, special) + (self.first_layer - 1)
+            return hashing.random_hash(vocab_size, buckets, self.seed, special) + (self.first_layer - 1), None
         if self.hash == "cluster":
             return hashing.cluster_hash(embeddings.detach().cpu(), buckets, self.seed, special,
-                                        iterations=self.kmeans_iterations) + (self.first_layer - 1)
+                                        iterations=self.kmeans_iterations) + (self.first_layer - 1), None
         counts = torch.zeros(vocab_size, dtype=torch.long)
         num_classes = len(datamodule.label_names)
         joint = torch.zeros(vocab_size, num_classes, dtype=torch.long)
@@ -153,9 +182,9 @@ class HashEEExit(PlannedExit):
                 hashing.add_token_label_counts(joint, class_counts, enc["input_ids"], enc["attention_mask"],
                                                batch["label"])
         if self.hash == "frequency":
-            return hashing.frequency_hash(counts, buckets, special) + (self.first_layer - 1)
+            return hashing.frequency_hash(counts, buckets, special) + (self.first_layer - 1), counts > 0
         mi = hashing.mutual_information_hash(joint, buckets, special, class_counts=class_counts)
-        return mi + (self.first_layer - 1)
+        return mi + (self.first_layer - 1), joint.sum(1) > 0
 
     def use_token_map(self, token_to_layer: torch.Tensor) -> None:
         """Set the (V,) token -> exit layer map directly (notebooks, tests)."""
@@ -179,9 +208,13 @@ class HashEEExit(PlannedExit):
             raise RuntimeError("HashEE has no token exit assignment yet: call fit() (run_experiment does) or "
                                "use_token_map()")
         if self.token_to_layer is None:
-            buckets = self._layers - self.first_layer + 1
-            return hashing.occurrence_random_layers(input_ids, attention_mask, buckets, self.seed,
-                                                    self.special_ids) + (self.first_layer - 1)
+            buckets = self._last(self._layers) - self.first_layer + 1
+            layers = hashing.occurrence_random_layers(input_ids, attention_mask, buckets, self.seed,
+                                                      self.special_ids) + (self.first_layer - 1)
+            if self._last(self._layers) == self._layers:
+                return layers  # special tokens and padding already got the last bucket, layer L
+            special = torch.isin(input_ids, torch.tensor(self.special_ids, dtype=torch.long, device=input_ids.device))
+            return torch.where(special | ~attention_mask.bool(), torch.full_like(layers, self._layers), layers)
         device = input_ids.device
         if self._device_map is None or self._device_map.device != device:
             self._device_map = self.token_to_layer.to(device)
