@@ -317,6 +317,20 @@ def test_dominated_marking_hand_made():
         report.dominated([1.0], [1.0, 2.0])
 
 
+def test_token_level_exits_cost_their_flops_in_layers():
+    # HashEE runs every example through all L layers on fewer tokens: cost L / FLOPs speed-up, not L
+    hashee = summary("hashee", {"hash": "frequency"}, 0.93, float(L), 5.0)
+    hashee.update(mean_layers_computed=float(L), flops_speedup=2.0)
+    entropy = summary("entropy", {"threshold": 0.4}, 0.92, 4.0, 5.0)
+    entropy.update(mean_layers_computed=4.0, flops_speedup=2.0)  # an example-level exit keeps its layers
+    old = summary("full", {}, 0.95, float(L), 10.0)  # no mean_layers_computed: the mean exit layer
+    df = pd.DataFrame([hashee, entropy, old])
+    assert report.cost_column(df).tolist() == pytest.approx([L / 2.0, 4.0, float(L)])
+    marked = report.add_pareto(df)
+    assert not marked.loc[0, "dominated_layers"], "HashEE at L/2 layer-equivalents is not dominated by the full model"
+    assert marked.loc[1, "dominated_layers"], "entropy at 4 layers is less accurate than HashEE at L/2"
+
+
 def test_oracle_gap_by_hand():
     oracle, full = (0.5, 1.0), (6.0, 0.9)  # box: 5.5 layers x 0.1 accuracy
     # runs at (1, .95) and (3, 1.0): below 1 layer nothing beats the full model (0.1 x 0.5 missed), from 1 to

@@ -90,7 +90,8 @@ class HashEEExit(PlannedExit):
 
     def training_settings(self) -> dict[str, Any]:
         return {"hash": self.hash, "first_layer": self.first_layer, **self._last_layer_setting(), "seed": self.seed,
-                "max_epochs": self.max_epochs, "lr": self.lr, "head_lr": self.head_lr, "weight_decay": self.weight_decay, "warmup": self.warmup,
+                "max_epochs": self.max_epochs, "lr": self.lr, "head_lr": self.head_lr,
+                "weight_decay": self.weight_decay, "warmup": self.warmup,
                 "gradient_clip_val": self.gradient_clip_val, "limit_train_batches": self.limit_train_batches,
                 "max_steps": self.max_steps, "kmeans_iterations": self.kmeans_iterations}
 

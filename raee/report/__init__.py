@@ -29,14 +29,15 @@ from raee.report.collect import (COLUMNS, ERROR_FILE, FAILED_COLUMNS, NUMERIC_CO
                                  collect, collect_failed, find_runs, flatten_knobs, knobs_string)
 from raee.report.figures import plot_exit_layers, plot_pareto, plot_speed_vs_metric
 from raee.report.paper import paper_comparison_markdown, write_paper_comparison
-from raee.report.pareto import add_pareto, curve_names, curve_table, dominated, oracle_gap
+from raee.report.pareto import add_pareto, cost_column, curve_names, curve_table, dominated, oracle_gap
 from raee.report.tables import failed_markdown, markdown_table, pareto_markdown, results_markdown, write_csv
 from raee.report.wandb_log import log_to_wandb, wandb_group
 
 __all__ = [
     "BOUNDS", "COLUMNS", "ERROR_FILE", "FAILED_COLUMNS", "GROUP_KEYS", "METHOD_ORDER", "NUMERIC_COLUMNS", "SUMMARY_FILE",
-    "add_analysis", "add_pareto", "add_sweep_speedup", "build_parser", "collect", "collect_failed", "curve_names",
-    "curve_table", "dominated", "failed_markdown", "find_runs", "flatten_knobs", "knobs_string", "log_to_wandb", "main",
+    "add_analysis", "add_pareto", "add_sweep_speedup", "build_parser", "collect", "collect_failed", "cost_column",
+    "curve_names", "curve_table", "dominated", "failed_markdown", "find_runs", "flatten_knobs", "knobs_string",
+    "log_to_wandb", "main",
     "markdown_table", "method_rank", "oracle_gap", "paper_comparison_markdown", "pareto_front", "pareto_markdown",
     "plot_exit_layers", "plot_pareto", "plot_speed_vs_metric", "results_markdown", "sort_runs", "speed_axis",
     "varying_knobs", "wandb_group", "write_csv", "write_paper_comparison", "write_report",

@@ -4,7 +4,8 @@ gap to the oracle.
 - A **curve** is a method plus the knobs that tell its variants apart (the aggregation rule, the key encoder,
   min_layer, ...) but not the knob a sweep or a calibration moves along the curve (threshold, patience, ...).
 - **Cost** is the mean number of backbone layers computed per example (``mean_layers_computed``: the layers
-  run before planning count for every example), falling back to the mean exit layer for older summaries.
+  run before planning count for every example), falling back to the mean exit layer for older summaries;
+  for token-level exits (HashEE) L / FLOPs speed-up.
 - A run is **dominated** when another run of the same dataset/backbone/head (the label-reading oracle
   excluded) is at least as accurate at no more cost, and strictly better in one of the two.
 - The **oracle gap** of a curve: within the box spanned by the oracle's point (its cost L_o, its accuracy
@@ -27,6 +28,8 @@ from raee.report.collect import format_value
 
 #: knobs that move a run along its method's curve (a summary's tuned_knob adds its own)
 SWEPT_KNOBS = ("threshold", "patience", "layer", "aggregator.threshold")
+#: methods whose exits are per token: every example computes all layers, on fewer tokens
+TOKEN_LEVEL = ("hashee",)
 #: knobs that record how a run was calibrated: the same curve
 CALIBRATION_KNOBS = ("target", "max_drop", "max_layer")
 
@@ -46,9 +49,15 @@ def dominated(cost: Sequence[float], value: Sequence[float]) -> np.ndarray:
 
 
 def cost_column(df: pd.DataFrame) -> pd.Series:
-    """Mean layers computed per run, else its mean exit layer."""
-    layers = pd.to_numeric(df.get("mean_layers_computed", pd.Series(np.nan, index=df.index)), errors="coerce")
-    return layers.fillna(pd.to_numeric(df["mean_exit_layer"], errors="coerce"))
+    """Mean layers computed per run, else its mean exit layer. Token-level exits (HashEE) run every example
+    through all L layers with fewer tokens, so their cost is L / FLOPs speed-up: the layers an example-level
+    exit would compute for the same FLOPs."""
+    def column(name: str) -> pd.Series:
+        return pd.to_numeric(df.get(name, pd.Series(np.nan, index=df.index)), errors="coerce")
+
+    layers = column("mean_layers_computed").fillna(column("mean_exit_layer"))
+    token_level = df.get("method", pd.Series("", index=df.index)).isin(TOKEN_LEVEL) & (column("flops_speedup") > 0)
+    return layers.where(~token_level, column("num_layers") / column("flops_speedup"))
 
 
 def curve_names(df: pd.DataFrame) -> pd.Series:

@@ -81,7 +81,8 @@ def pareto_markdown(df: pd.DataFrame) -> str:
     refs = table.drop_duplicates(["dataset", "backbone", "head"])
     lines = [
         "Cost = mean backbone layers computed per example (layers run before planning count for every example; "
-        "a separate key encoder's time is in the wall-clock only). A run is dominated when another run of the same "
+        "a separate key encoder's time is in the wall-clock only; token-level exits (HashEE): L / FLOPs speed-up). "
+        "A run is dominated when another run of the same "
         "dataset/backbone/head (oracle excluded) is at least as accurate at no more cost. Oracle gap: within the "
         "box from the oracle's point (its layers, its accuracy) to the full model (L layers, its accuracy), the "
         "share of the area the curve's runs do not reach (0 = reaches the oracle, 1 = never more accurate than the "
