@@ -87,7 +87,7 @@ def labelled_progress_bar(description: str | None = None) -> Any:
     terminal = sys.stdout.isatty()
     base = RichProgressBar if _RICH_AVAILABLE and terminal else TQDMProgressBar
     # in a log every refresh is a line's worth of bytes: refresh every LOG_REFRESH_STEPS batches there
-    kwargs = {} if terminal or base is RichProgressBar else {"refresh_rate": LOG_REFRESH_STEPS}
+    kwargs = {} if terminal else {"refresh_rate": LOG_REFRESH_STEPS}
 
     class LabelledProgressBar(base):  # type: ignore[misc, valid-type]
         @property

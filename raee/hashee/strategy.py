@@ -142,34 +142,35 @@ class HashEEExit(PlannedExit):
         counting hashes, tokens unseen in training run all L layers. None for the per-occurrence hash, which has
         no map."""
         L = backbone.num_layers
-        special = list(backbone.tokenizer.all_special_ids)
-        layers, seen = self._hash_types(backbone, head, datamodule, progress)
-        if layers is None or self._last(L) == L:
-            return layers  # the hashes already give special and unseen tokens the last bucket, layer L
-        layers[torch.tensor(special, dtype=torch.long)] = L
+        vocab_size = int(backbone.model.get_input_embeddings().weight.shape[0])
+        if self.hash == "random_occurrence":
+            return None
+        if self.hash == "none":
+            return torch.full((vocab_size,), L, dtype=torch.long)
+        buckets, seen = self._hash_buckets(backbone, head, datamodule, progress)
+        layers = buckets + (self.first_layer - 1)
+        # as in the paper: special tokens and tokens unseen in training never exit early (the hashes put them in
+        # the last bucket, which is layer L only when last_layer is L)
+        layers[torch.tensor(backbone.tokenizer.all_special_ids, dtype=torch.long)] = L
         if seen is not None:
             layers[~seen] = L
         return layers
 
-    def _hash_types(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any, progress: bool
-                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(the (V,) map in first_layer..last_layer, (V,) bool types seen in training or None if not counted)."""
+    def _hash_buckets(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any, progress: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """((V,) bucket 1..B of every token id, B = last_layer - first_layer + 1; (V,) bool types seen in training,
+        or None for the hashes that count nothing)."""
         from raee.features import encode_batch
 
-        L = backbone.num_layers
-        buckets = self._last(L) - self.first_layer + 1  # the hash spreads tokens over first_layer..last_layer
+        buckets = self._last(backbone.num_layers) - self.first_layer + 1
         embeddings = backbone.model.get_input_embeddings().weight
         vocab_size = int(embeddings.shape[0])
         special = list(backbone.tokenizer.all_special_ids)
-        if self.hash == "random_occurrence":
-            return None, None
-        if self.hash == "none":
-            return torch.full((vocab_size,), L, dtype=torch.long), None
         if self.hash == "random":
-            return hashing.random_hash(vocab_size, buckets, self.seed, special) + (self.first_layer - 1), None
+            return hashing.random_hash(vocab_size, buckets, self.seed, special), None
         if self.hash == "cluster":
             return hashing.cluster_hash(embeddings.detach().cpu(), buckets, self.seed, special,
-                                        iterations=self.kmeans_iterations) + (self.first_layer - 1), None
+                                        iterations=self.kmeans_iterations), None
         counts = torch.zeros(vocab_size, dtype=torch.long)
         num_classes = len(datamodule.label_names)
         joint = torch.zeros(vocab_size, num_classes, dtype=torch.long)
@@ -183,9 +184,8 @@ class HashEEExit(PlannedExit):
                 hashing.add_token_label_counts(joint, class_counts, enc["input_ids"], enc["attention_mask"],
                                                batch["label"])
         if self.hash == "frequency":
-            return hashing.frequency_hash(counts, buckets, special) + (self.first_layer - 1), counts > 0
-        mi = hashing.mutual_information_hash(joint, buckets, special, class_counts=class_counts)
-        return mi + (self.first_layer - 1), joint.sum(1) > 0
+            return hashing.frequency_hash(counts, buckets, special), counts > 0
+        return hashing.mutual_information_hash(joint, buckets, special, class_counts=class_counts), joint.sum(1) > 0
 
     def use_token_map(self, token_to_layer: torch.Tensor) -> None:
         """Set the (V,) token -> exit layer map directly (notebooks, tests)."""
