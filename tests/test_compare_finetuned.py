@@ -26,6 +26,9 @@ def test_compare_finetuned_shares_backbone_and_budget(tmp_path):
     assert {s["method"] for s in summaries} == {"full", "entropy", "patience", "raee", "hashee", "oracle"}
     # the joint fine-tune ran once: one cached head, loaded by the other jobs
     assert len([p for p in (tmp_path / "cache" / "heads").iterdir() if not p.name.startswith(".")]) == 1
+    references = {s["method"]: s["full_reference"] for s in summaries}
+    assert references.pop("hashee") == "full (token path)" and references.pop("full") is None
+    assert set(references.values()) == {"full"}  # the other methods run the model's own layers, as FullModel does
     budgets = {s["method"]: s["budget"] for s in summaries}
     shared = {k: v for k, v in budgets["full"].items() if k != "by"}
     assert budgets["full"]["by"] == "head" and budgets["hashee"]["by"] == "hashee"

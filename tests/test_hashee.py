@@ -268,6 +268,36 @@ def test_exit_loop_end_to_end_and_flops_speedup(tiny_bert):
     assert strategy.flops_speedup() is None
 
 
+def test_wall_clock_reference_runs_every_token_through_the_token_path(tiny_bert, monkeypatch):
+    """HashEE is timed against its own packed layer code with nothing exiting (the transformers layer also
+    computes padding); that reference gives the full model's predictions."""
+    from raee.exits import FullModel
+    from raee.hashee import strategy as strategy_module
+
+    L = tiny_bert.num_layers
+    head = _bound_head(tiny_bert, pooling="mean")
+    enc = tiny_bert.tokenize(TEXTS)
+    assert not enc["attention_mask"].bool().all()  # padded: where the two layer codes differ in cost
+    ctx = BatchContext(num_layers=L, batch_size=len(TEXTS), texts=TEXTS)
+    reference = HashEEExit(hash="random").wall_clock_reference()
+    assert reference.name == "full (token path)"
+
+    layers, original = [], strategy_module.run_token_exit_layer
+
+    def spy(backbone, layer, state, token_exit):
+        layers.append(layer)
+        assert bool((token_exit[state.attention_mask.bool()] >= layer).all())  # no token frozen
+        return original(backbone, layer, state, token_exit)
+
+    monkeypatch.setattr(strategy_module, "run_token_exit_layer", spy)
+    reference.prepare(tiny_bert, head)
+    ref = run_early_exit(tiny_bert, head, reference, enc, ctx)
+    assert layers == list(range(1, L + 1))
+    full = run_early_exit(tiny_bert, head, FullModel(), enc, ctx)
+    torch.testing.assert_close(ref.logits, full.logits, atol=1e-5, rtol=1e-5)
+    assert ref.exit_layers.tolist() == full.exit_layers.tolist() == [L] * len(TEXTS)
+
+
 # ---------------------------------------------------------------------------- fine-tuning
 def _predict(backbone, head, strategy, dm) -> torch.Tensor:
     strategy.prepare(backbone, head)

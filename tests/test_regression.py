@@ -60,6 +60,7 @@ def test_regression_runs_end_to_end_and_reports_pearson(tmp_path):
         assert len(preds) == summary["num_examples"] and preds["prediction"].dtype == float
         assert preds["confidence"].isna().all()  # no class probability for a real-valued output
     assert summary["method"] == "hashee" and summary["flops_speedup"] > 1.0
+    assert summary["full_reference"] == "full (token path)"  # timed against its own layer code without exits
     # the oracle ran with the configured tolerance: its exits are no later than the full model's
     assert summary["oracle_mean_exit_layer"] <= 4
 
