@@ -270,7 +270,7 @@ def test_exit_loop_end_to_end_and_flops_speedup(tiny_bert):
 
 def test_wall_clock_reference_runs_every_token_through_the_token_path(tiny_bert, monkeypatch):
     """HashEE is timed against its own packed layer code with nothing exiting (the transformers layer also
-    computes padding); that reference gives the full model's predictions."""
+    computes padding), except on unpadded batches; that reference gives the full model's predictions."""
     from raee.exits import FullModel
     from raee.hashee import strategy as strategy_module
 
@@ -296,6 +296,13 @@ def test_wall_clock_reference_runs_every_token_through_the_token_path(tiny_bert,
     full = run_early_exit(tiny_bert, head, FullModel(), enc, ctx)
     torch.testing.assert_close(ref.logits, full.logits, atol=1e-5, rtol=1e-5)
     assert ref.exit_layers.tolist() == full.exit_layers.tolist() == [L] * len(TEXTS)
+
+    # without padding the packing would skip nothing: the model's own (faster) layer runs
+    layers.clear()
+    one = tiny_bert.tokenize(TEXTS[:1])
+    single = run_early_exit(tiny_bert, head, reference, one, BatchContext(num_layers=L, batch_size=1, texts=TEXTS[:1]))
+    assert layers == []
+    torch.testing.assert_close(single.logits, ref.logits[:1], atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------- fine-tuning
