@@ -158,3 +158,21 @@ def test_consecutive_jobs_in_one_process_get_their_own_wandb_runs(tmp_path, monk
     for job in ("0_first", "1_second"):
         assert run_job(compose_cfg(overrides), str(tmp_path / job), multirun=True) is not None
         assert len(list((tmp_path / job / "wandb").glob("offline-run-*"))) == 1, f"{job} has no wandb run of its own"
+
+
+def test_hashee_defaults_are_the_setting_the_readme_measured_within_one_point():
+    """`exit=hashee` with no knobs is `hash=random last_layer=4 finetune.max_epochs=10` on MiniLM's 6 layers (the
+    README's HashEE acceptance rows), on every Rotten Tomatoes example, with the same budget as PABEE's fine-tune."""
+    from hydra.utils import instantiate
+
+    default = compose_cfg(["exit=hashee", "data=rotten_tomatoes"])
+    measured = compose_cfg(["exit=hashee", "data=rotten_tomatoes", "exit.hash=random", "exit.last_layer=4",
+                            "finetune.max_epochs=10", "data.max_train_examples=null", "data.max_eval_examples=null"])
+    assert default.data.max_train_examples is None and default.data.max_eval_examples is None
+    assert default.exit.max_epochs == default.head.max_epochs == 10, "HashEE and the linear head share one budget"
+    strategies = [instantiate(OmegaConf.to_container(cfg.exit, resolve=True)) for cfg in (default, measured)]
+    for strategy in strategies:
+        strategy.validate(6)
+    assert strategies[0].last_layer == 4
+    # the same settings, so the same fine-tune cache key: the default run reloads the measured checkpoint
+    assert strategies[0].training_settings() == strategies[1].training_settings()

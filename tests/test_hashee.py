@@ -404,13 +404,41 @@ def test_last_layer_spreads_hashed_tokens_below_it_while_special_and_unseen_toke
         unseen = [i for i in range(len(token_map)) if i not in seen and i not in tok.all_special_ids]
         assert unseen and (token_map[unseen] == L).all(), "tokens unseen in training run every layer, as in the paper"
     # the default (last_layer = L) keeps the old map and cache key
-    default = HashEEExit(hash=hash_name, max_epochs=0, seed=3)
+    default = HashEEExit(hash=hash_name, last_layer=None, max_epochs=0, seed=3)
     assert "last_layer" not in default.training_settings()
     assert strategy.training_settings()["last_layer"] == 2
     with pytest.raises(ValueError, match="last_layer=1 is below exit.first_layer=2"):
         HashEEExit(first_layer=2, last_layer=1)
     with pytest.raises(ValueError, match="above the backbone"):
         HashEEExit(last_layer=L + 1).validate(L)
+
+
+@pytest.mark.parametrize(("fraction", "num_layers", "layer"), [(0.67, 6, 4), (0.67, 12, 8), (0.67, 2, 1),
+                                                             (0.5, 6, 3), (0.1, 6, 1), (0.99, 6, 6)])
+def test_last_layer_as_a_fraction_of_L_resolves_to_the_nearest_layer_and_shares_its_cache_key(fraction, num_layers,
+                                                                                               layer):
+    strategy = HashEEExit(hash="random", last_layer=fraction, max_epochs=0)
+    assert strategy._last(num_layers) == layer
+    strategy.validate(num_layers)
+    assert strategy.last_layer == layer
+    absolute = HashEEExit(hash="random", last_layer=layer, max_epochs=0)
+    absolute.validate(num_layers)
+    # the fine-tune's cache key holds the resolved layer: 0.67 of 6 reuses a last_layer=4 checkpoint
+    assert strategy.training_settings() == absolute.training_settings()
+    assert strategy.knobs() == {**absolute.knobs(), "last_layer_fraction": fraction}
+
+
+def test_last_layer_fraction_stays_within_first_layer_and_hash_none_ignores_it():
+    strategy = HashEEExit(hash="random", first_layer=3, last_layer=0.2)
+    strategy.validate(6)
+    assert strategy.last_layer == 3, "round(0.2 * 6) = 1 is below first_layer: clamped to it"
+    # the reference exits nothing: its cache key does not depend on last_layer
+    assert HashEEExit(hash="none", last_layer=0.67).training_settings() == \
+        HashEEExit(hash="none", last_layer=None).training_settings()
+    for bad in (0.0, 1.5, -2, 0, True, "4"):
+        with pytest.raises(ValueError, match="last_layer"):
+            HashEEExit(last_layer=bad)
+    assert HashEEExit(last_layer=1.0).last_layer == 1, "1.0 is layer 1, not the whole depth"
 
 
 def test_bad_settings_and_missing_map_are_refused(tiny_backbones, tiny_bert):

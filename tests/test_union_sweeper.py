@@ -85,6 +85,9 @@ def test_every_job_of_the_pareto_experiments_composes_and_builds_its_exit(experi
             methods.add(strategy.name)
             count += bool(getattr(getattr(strategy, "calibration", None), "active", False))
             assert job_cfg.compare_oracle is False, job
+            # the README's tables were measured on these sizes; the data config's default is every example
+            sizes = (2000, 500) if job_cfg.data.name == "rotten_tomatoes" else (None, None)
+            assert (job_cfg.data.max_train_examples, job_cfg.data.max_eval_examples) == sizes, job
     assert count == calibrated
     if experiment == "pareto":
         assert methods == {"full", "oracle", "entropy", "patience", "raee", "raee_dynamic"}

@@ -14,6 +14,7 @@ inside the layers and are reported by :meth:`HashEEExit.flops_speedup`.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,28 @@ from raee.hashee.token_layer import active_tokens, layer_parts, run_token_exit_l
 STRATEGY_HASHES = (*hashing.HASHES, "none")
 
 
+def _parse_last_layer(value: int | float | None) -> int | float | None:
+    """exit.last_layer as given: None (= L), a layer number (int >= 1) or a fraction of L (float in (0, 1))."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"exit.last_layer={value!r} must be a layer number (e.g. 4), a fraction of the backbone's "
+                         "L in (0, 1) (e.g. 0.67 = 4 of 6 layers) or null (= L)")
+    if isinstance(value, float) and 0.0 < value < 1.0:
+        return value
+    if float(value).is_integer() and value >= 1:
+        return int(value)
+    raise ValueError(f"exit.last_layer={value!r} is neither a layer number >= 1 nor a fraction of L in (0, 1): give "
+                     "e.g. 4 (a layer) or 0.67 (4 of 6 layers, 8 of 12), or null (= L)")
+
+
 class HashEEExit(PlannedExit):
     name = "hashee"
     supports_regression = True
     trains_head = True  # fine-tunes the layer-L classifier itself: the head is bound, not fitted, before fit()
 
-    def __init__(self, hash: str = "frequency", num_layers: int | None = None, first_layer: int = 1,
-                 last_layer: int | None = None, seed: int = 42,
+    def __init__(self, hash: str = "random", num_layers: int | None = None, first_layer: int = 1,
+                 last_layer: int | float | None = 0.67, seed: int = 42,
                  max_epochs: int = 1, lr: float = 2e-5, head_lr: float | None = None, weight_decay: float = 0.01,
                  warmup: float = 0.1, gradient_clip_val: float | None = 1.0,
                  limit_train_batches: int | float | None = None, max_steps: int = -1,
@@ -57,7 +73,9 @@ class HashEEExit(PlannedExit):
         self.hash = hash
         self.num_layers = None if num_layers is None else int(num_layers)
         self.first_layer = int(first_layer)
-        self.last_layer = None if last_layer is None else int(last_layer)
+        self.last_layer_setting = _parse_last_layer(last_layer)
+        # the layer itself: set now for a layer number, by validate() (which knows L) for a fraction of L
+        self.last_layer = self.last_layer_setting if isinstance(self.last_layer_setting, int) else None
         if self.last_layer is not None and self.last_layer < self.first_layer:
             raise ValueError(f"exit.last_layer={last_layer} is below exit.first_layer={first_layer}: tokens exit in "
                              "first_layer..last_layer; give last_layer >= first_layer (null = the backbone's L)")
@@ -82,15 +100,23 @@ class HashEEExit(PlannedExit):
 
     # ------------------------------------------------------------------ settings
     def knobs(self) -> dict[str, Any]:
-        return {"hash": self.hash, "first_layer": self.first_layer, **self._last_layer_setting(), "seed": self.seed,
+        fraction = self.last_layer_setting if isinstance(self.last_layer_setting, float) and self.hash != "none" \
+            else None
+        return {"hash": self.hash, "first_layer": self.first_layer, **self._last_layer_key(),
+                **({} if fraction is None else {"last_layer_fraction": fraction}), "seed": self.seed,
                 "max_epochs": self.max_epochs, "lr": self.lr}
 
-    def _last_layer_setting(self) -> dict[str, Any]:
-        # only when set: fine-tunes cached before the knob existed (last_layer = L) keep their cache keys
-        return {} if self.last_layer is None else {"last_layer": self.last_layer}
+    def _last_layer_key(self) -> dict[str, Any]:
+        # only when set: fine-tunes cached before the knob existed (last_layer = L) keep their cache keys; a
+        # fraction of L enters as the layer it resolves to, so 0.67 on 6 layers shares last_layer=4's cache
+        if self.hash == "none":
+            return {}  # no token exits: nothing to spread, so the reference's key is the same for every last_layer
+        if self.last_layer is not None:
+            return {"last_layer": self.last_layer}
+        return {} if self.last_layer_setting is None else {"last_layer": self.last_layer_setting}
 
     def training_settings(self) -> dict[str, Any]:
-        return {"hash": self.hash, "first_layer": self.first_layer, **self._last_layer_setting(), "seed": self.seed,
+        return {"hash": self.hash, "first_layer": self.first_layer, **self._last_layer_key(), "seed": self.seed,
                 "max_epochs": self.max_epochs, "lr": self.lr, "head_lr": self.head_lr,
                 "weight_decay": self.weight_decay, "warmup": self.warmup,
                 "gradient_clip_val": self.gradient_clip_val, "limit_train_batches": self.limit_train_batches,
@@ -110,13 +136,21 @@ class HashEEExit(PlannedExit):
         if self.first_layer > num_layers:
             raise ValueError(f"exit.first_layer={self.first_layer} is above the backbone's {num_layers} layers: use "
                              f"1..{num_layers} ({num_layers} = no token exits)")
-        if self.last_layer is not None and self.last_layer > num_layers:
-            raise ValueError(f"exit.last_layer={self.last_layer} is above the backbone's {num_layers} layers: use "
-                             f"{self.first_layer}..{num_layers} or null (= {num_layers})")
+        if isinstance(self.last_layer_setting, int) and self.last_layer_setting > num_layers:
+            raise ValueError(f"exit.last_layer={self.last_layer_setting} is above the backbone's {num_layers} layers: "
+                             f"use {self.first_layer}..{num_layers}, a fraction of L in (0, 1), or null (= {num_layers})")
+        if isinstance(self.last_layer_setting, float):
+            self.last_layer = self._last(num_layers)
 
     def _last(self, num_layers: int) -> int:
-        """The last layer a hashed token can exit at (special and unseen tokens run all ``num_layers``)."""
-        return num_layers if self.last_layer is None else self.last_layer
+        """The last layer a hashed token can exit at (special and unseen tokens run all ``num_layers``): the
+        layer given, or a fraction of L rounded to the nearest layer and kept within first_layer..L."""
+        setting = self.last_layer_setting
+        if setting is None:
+            return num_layers
+        if isinstance(setting, float):
+            return min(num_layers, max(self.first_layer, math.floor(setting * num_layers + 0.5)))
+        return setting
 
     @staticmethod
     def _check_backbone(backbone: LayerwiseBackbone) -> None:
