@@ -66,7 +66,7 @@ def compose_jobs(experiment: str, all_jobs: list[list[str]]):
         yield job, cfg
 
 
-@pytest.mark.parametrize("experiment,size,calibrated", [("pareto", (40, 70), 14), ("pareto_keys", (10, 10), 8)])
+@pytest.mark.parametrize("experiment,size,calibrated", [("pareto", (40, 70), 16), ("pareto_keys", (10, 10), 8)])
 def test_every_job_of_the_pareto_experiments_composes_and_builds_its_exit(experiment, size, calibrated):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
