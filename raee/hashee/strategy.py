@@ -100,20 +100,19 @@ class HashEEExit(PlannedExit):
 
     # ------------------------------------------------------------------ settings
     def knobs(self) -> dict[str, Any]:
-        fraction = self.last_layer_setting if isinstance(self.last_layer_setting, float) and self.hash != "none" \
-            else None
-        return {"hash": self.hash, "first_layer": self.first_layer, **self._last_layer_key(),
-                **({} if fraction is None else {"last_layer_fraction": fraction}), "seed": self.seed,
+        last = self._last_layer_key()
+        if last and isinstance(self.last_layer_setting, float):
+            last["last_layer_fraction"] = self.last_layer_setting  # the setting beside the layer it resolved to
+        return {"hash": self.hash, "first_layer": self.first_layer, **last, "seed": self.seed,
                 "max_epochs": self.max_epochs, "lr": self.lr}
 
     def _last_layer_key(self) -> dict[str, Any]:
         # only when set: fine-tunes cached before the knob existed (last_layer = L) keep their cache keys; a
-        # fraction of L enters as the layer it resolves to, so 0.67 on 6 layers shares last_layer=4's cache
-        if self.hash == "none":
-            return {}  # no token exits: nothing to spread, so the reference's key is the same for every last_layer
-        if self.last_layer is not None:
-            return {"last_layer": self.last_layer}
-        return {} if self.last_layer_setting is None else {"last_layer": self.last_layer_setting}
+        # fraction of L enters as the layer it resolves to, so 0.67 on 6 layers shares last_layer=4's cache.
+        # hash=none exits nothing, so the reference's key is the same for every last_layer
+        if self.hash == "none" or self.last_layer_setting is None:
+            return {}
+        return {"last_layer": self.last_layer if self.last_layer is not None else self.last_layer_setting}
 
     def training_settings(self) -> dict[str, Any]:
         return {"hash": self.hash, "first_layer": self.first_layer, **self._last_layer_key(), "seed": self.seed,
