@@ -78,8 +78,6 @@ def prepare_head(backbone: LayerwiseBackbone, head: Head, datamodule: Any, cache
     fit=False only binds (a strategy that trains the head itself, HashEE). A regression task binds
     one output named "value"; heads that cannot regress refuse it here.
     """
-    from raee.cache import load_or_build
-
     task = task_type(datamodule)
     head.use_task(task)
     head.bind(backbone, list(datamodule.label_names) or (["value"] if task == "regression" else []))

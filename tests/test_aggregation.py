@@ -259,28 +259,57 @@ def test_label_vote_by_hand():
     torch.testing.assert_close(label_vote(none, 2, smoothing=0.0), torch.tensor([[0.5, 0.5]]))
 
 
+def test_label_vote_matches_a_loop_over_neighbours_and_refuses_foreign_labels():
+    gen = torch.Generator().manual_seed(1)
+    n, q, k, classes = 20, 9, 4, 3
+    info = ExitInfo(preds=torch.zeros(n, 2, dtype=torch.long), probs=torch.rand(n, 2, generator=gen),
+                    correct=torch.rand(n, 2, generator=gen) < 0.5, labels=torch.randint(0, classes, (n,), generator=gen))
+    ids = torch.randint(0, n, (q, k), generator=gen)
+    ids[torch.rand(q, k, generator=gen) < 0.3] = -1
+    ids[0] = -1  # no valid neighbour: uniform
+    dists = torch.rand(q, k, generator=gen)
+    dists[1, 0], dists[2, 1] = float("inf"), 0.0  # a missing hit; an exact duplicate (floored at EPS)
+    votes = label_vote(gather_neighbours(dists, ids, info), classes, smoothing=0.5)
+    assert votes.shape == (q, classes) and votes.dtype == torch.float32
+    for i in range(q):
+        hits = [(max(float(d), 1e-6), int(info.labels[j])) for d, j in zip(dists[i], ids[i])
+                if j >= 0 and torch.isfinite(d)]
+        want = torch.full((classes,), 0.5 / classes)
+        for d, label in hits:
+            want[label] += min(h for h, _ in hits) / d
+        torch.testing.assert_close(votes[i], want / want.sum())
+    assert torch.allclose(votes[0], torch.full((classes,), 1.0 / classes))
+    with pytest.raises(ValueError, match="head has 2 classes.*build_db"):
+        label_vote(gather_neighbours(dists, ids, info), 2)
+
+
 def test_neighbour_vote_estimates_the_share_voting_for_the_layer_prediction():
     rule = NeighbourVote(threshold=0.5, smoothing=0.0)
     summary = rule.summarize(NB, 2)
-    # the head predicts class 0 (p = 0.9) or class 1: the vote for that class
-    assert rule.estimate(1, torch.tensor([[0.9, 0.1]]), summary).item() == pytest.approx(0.6)
-    assert rule.estimate(1, torch.tensor([[0.2, 0.8]]), summary).item() == pytest.approx(0.4)
+    # the head predicts class 0 (logits 2 vs -1) or class 1: the vote for that class
+    assert rule.estimate(1, torch.tensor([[2.0, -1.0]]), summary).item() == pytest.approx(0.6)
+    assert rule.estimate(1, torch.tensor([[-3.0, 0.5]]), summary).item() == pytest.approx(0.4)
     # the head's confidence does not matter, only its prediction
-    assert rule.estimate(0, torch.tensor([[0.51, 0.49]]), summary).item() == pytest.approx(0.6)
+    assert rule.estimate(0, torch.tensor([[0.01, 0.0]]), summary).item() == pytest.approx(0.6)
 
 
 def test_vote_posterior_by_hand():
     nb2 = gather_neighbours(torch.tensor([[0.1, 0.2, 0.1], [0.1, 0.2, 0.1]]), torch.tensor([[0, 1, 2], [0, 1, 2]]),
                             LABELLED)
     probs = torch.tensor([[0.7, 0.3], [0.3, 0.7]])
+    logits = probs.log() + torch.tensor([[3.0], [-1.0]])  # any per-row shift: the same head distribution
     # vote (smoothing 1): [2/3.5, 1.5/3.5]; posterior(c) ∝ p(c) * vote(c)
     v0, v1 = 2.0 / 3.5, 1.5 / 3.5
     want = torch.tensor([0.7 * v0 / (0.7 * v0 + 0.3 * v1), 0.7 * v1 / (0.7 * v1 + 0.3 * v0)])
     rule = VotePosterior(weight=1.0, smoothing=1.0)
-    torch.testing.assert_close(rule.estimate(2, probs, rule.summarize(nb2, 2)), want)
+    torch.testing.assert_close(rule.estimate(2, logits, rule.summarize(nb2, 2)), want)
+    # weight 2: the vote counts twice, p(c) * vote(c)^2
+    want2 = torch.tensor([0.7 * v0 ** 2 / (0.7 * v0 ** 2 + 0.3 * v1 ** 2), 0.7 * v1 ** 2 / (0.7 * v1 ** 2 + 0.3 * v0 ** 2)])
+    torch.testing.assert_close(VotePosterior(weight=2.0).estimate(2, logits, VotePosterior(weight=2.0).summarize(nb2, 2)),
+                               want2)
     # weight 0 ignores the neighbours: the head's own max probability
     flat = VotePosterior(weight=0.0)
-    torch.testing.assert_close(flat.estimate(2, probs, flat.summarize(nb2, 2)), torch.tensor([0.7, 0.7]))
+    torch.testing.assert_close(flat.estimate(2, logits, flat.summarize(nb2, 2)), torch.tensor([0.7, 0.7]))
     with pytest.raises(ValueError, match="smoothing"):
         VotePosterior(smoothing=0.0)
 

@@ -13,7 +13,7 @@ import torch
 
 from raee.retrieval import FaissRetriever, TorchExactRetriever, auto_nlist, clamp_k, resolve_factory, to_distances
 from raee.retrieval.faiss_index import auto_train_size
-from raee.retrieval.faiss_index import import_faiss
+from raee.retrieval.faiss_index import BLAS_MIN_QUERIES
 
 faiss = pytest.importorskip("faiss")
 
@@ -355,9 +355,18 @@ def test_to_distances():
 
 
 # ---------------------------------------------------------------------------- FAISS setup
-def test_blas_threshold_is_lowered_once_faiss_is_imported():
-    import_faiss()
-    assert faiss.cvar.distance_compute_blas_threshold == 16
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_flat_search_switches_to_blas_at_four_queries_with_the_same_neighbours(metric):
+    keys, queries = data(n=500, q=9, d=48)
+    r = FaissRetriever("Flat", metric=metric)
+    r.add(keys)
+    singles = [r.search(q[None], 7) for q in queries]  # FAISS's SIMD loop
+    # FAISS compares queries x dimension with its threshold: 1 query stays below it, 4 reach it
+    assert faiss.cvar.distance_compute_blas_threshold == BLAS_MIN_QUERIES * 48
+    assert 48 < faiss.cvar.distance_compute_blas_threshold <= 4 * 48
+    batch = r.search(queries, 7)  # BLAS
+    assert np.array_equal(batch[1], np.concatenate([ids for _, ids in singles]))
+    np.testing.assert_allclose(batch[0], np.concatenate([s for s, _ in singles]), rtol=1e-5, atol=1e-5)
 
 
 def test_missing_faiss_is_a_clear_error(monkeypatch):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Union
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -66,6 +67,18 @@ class ExitInfo:
             self._correct_share = (total / max(self.size, 1)).float()
         return self._correct_share
 
+    def label_array(self) -> np.ndarray:
+        """(N,) int64 class ids in memory, where every query's neighbours' labels are read from.
+
+        A memory-mapped table is read once (8 bytes per example, little beside the keys' index); an in-memory
+        tensor is used as it is, never cached (it may be changed)."""
+        if isinstance(self.labels, torch.Tensor):
+            return self.labels.detach().cpu().long().numpy()
+        if getattr(self, "_label_array", None) is None:
+            parts = [part.long().numpy() for part in self._chunks(self.labels)]
+            self._label_array = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return self._label_array
+
     def label_counts(self) -> torch.Tensor:
         """(max label + 1,) how many database examples carry each class id (computed once)."""
         if getattr(self, "_label_counts", None) is None:
@@ -116,49 +129,67 @@ class Neighbours:
                            torch.full((), -1, dtype=torch.long, device=self.valid.device))
 
 
-def gather_neighbours(distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo) -> Neighbours:
+def gather_neighbours(distances: torch.Tensor | np.ndarray, ids: torch.Tensor | np.ndarray,
+                      info: ExitInfo) -> Neighbours:
     """distances (Q, k), ids (Q, k) (-1 = no hit) -> the neighbours' exit-table rows and validity mask.
 
-    Works on the device of ``info``; ids beyond the database are an error (index and database differ).
-    Only the neighbours' rows are read (the per-layer ones when first used), so memory-mapped tables stay
-    on disk.
+    ids beyond the database are an error (index and database differ). Only the neighbours' labels are read
+    here (the per-layer rows when first used), so memory-mapped tables stay on disk. Exit tables live on
+    the CPU, and this runs in numpy: at batch 1 it runs once per example, where a dozen small torch calls
+    (about 5 us each with the caches cold after a layer) cost more than the work.
     """
-    device = info.correct.device
-    ids = torch.as_tensor(ids, device=device).long()
-    distances = torch.as_tensor(distances, device=device).float()
+    ids = _array(ids, np.int64)
+    distances = _array(distances, np.float32)
     if ids.ndim != 2 or ids.shape != distances.shape:
         raise ValueError(f"distances {tuple(distances.shape)} and ids {tuple(ids.shape)} must both be (Q, k)")
-    if ids.numel() and int(ids.max()) >= info.size:
+    if ids.size and int(ids.max()) >= info.size:
         raise ValueError(f"neighbour id {int(ids.max())} is outside the exit database ({info.size} examples): the "
                          "index and the exit tables do not match; rebuild the database with `python -m raee.build_db`")
-    valid = (ids >= 0) & torch.isfinite(distances)
-    rows = ids.clamp(min=0)
-    none = torch.full((), -1, dtype=torch.long, device=device)
-    return Neighbours(valid=valid, distances=torch.where(valid, distances, torch.zeros((), device=device)),
-                      labels=torch.where(valid, info.labels[rows].long(), none), rows=rows, info=info)
+    valid = (ids >= 0) & np.isfinite(distances)
+    rows = np.maximum(ids, 0)
+    labels = np.where(valid, info.label_array()[rows], -1)
+    return Neighbours(valid=torch.from_numpy(valid), distances=torch.from_numpy(np.where(valid, distances, np.float32(0))),
+                      labels=torch.from_numpy(labels), rows=torch.from_numpy(rows), info=info)
+
+
+def _array(values: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
+    """A tensor (any device) or array-like as a numpy array of ``dtype`` (no copy when it already is one)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=dtype)
 
 
 #: distances are floored here, so an exact duplicate (distance 0) weighs 1 and the others stay finite
 EPS = 1e-6
 
 
+def _nearest_weights(nb: Neighbours) -> np.ndarray:
+    valid = nb.valid.numpy()
+    d = np.maximum(nb.distances.numpy(), np.float32(EPS))
+    nearest = np.where(valid, d, np.float32(np.inf)).min(axis=1, keepdims=True)  # inf: no valid neighbour
+    return np.where(valid, nearest / d, np.float32(0))
+
+
 def nearest_weights(nb: Neighbours) -> torch.Tensor:
     """(Q, k) weights min valid distance / distance_j (the nearest neighbour weighs 1, invalid ones 0)."""
-    d = nb.distances.clamp(min=EPS)
-    dmin = torch.where(nb.valid, d, torch.full_like(d, float("inf"))).min(dim=1, keepdim=True).values
-    return torch.where(nb.valid, dmin / d, torch.zeros_like(d))
+    return torch.from_numpy(_nearest_weights(nb))
 
 
 def label_vote(nb: Neighbours, num_classes: int, smoothing: float = 1.0) -> torch.Tensor:
     """(Q, C) the neighbours' label distribution: nearness-weighted (:func:`nearest_weights`) label counts plus
     ``smoothing`` spread evenly over the classes, normalised (uniform for a query without neighbours)."""
-    weights = nearest_weights(nb)
-    votes = torch.zeros(nb.labels.shape[0], num_classes, device=weights.device)
-    votes.scatter_add_(1, nb.labels.clamp(min=0), weights)  # invalid neighbours add weight 0
-    votes += float(smoothing) / num_classes
-    total = votes.sum(-1, keepdim=True)
-    return torch.where(total > 0, votes / total.clamp(min=torch.finfo(votes.dtype).tiny),
-                       torch.full_like(votes, 1.0 / num_classes))
+    labels = nb.labels.numpy()
+    if labels.size and int(labels.max()) >= num_classes:
+        raise ValueError(f"a neighbour has label {int(labels.max())}, but the head has {num_classes} classes: the exit "
+                         "database was built for other data; rebuild it with `python -m raee.build_db`")
+    queries = labels.shape[0]
+    cells = (np.arange(queries)[:, None] * num_classes + np.maximum(labels, 0)).ravel()  # invalid ones weigh 0
+    votes = np.bincount(cells, weights=_nearest_weights(nb).ravel(), minlength=queries * num_classes)
+    votes = votes.reshape(queries, num_classes) + float(smoothing) / num_classes
+    total = votes.sum(axis=1, keepdims=True)
+    share = np.full_like(votes, 1.0 / num_classes)
+    np.divide(votes, total, out=share, where=total > 0)
+    return torch.from_numpy(share.astype(np.float32))
 
 
 def probability_grid(step: float = 0.025) -> list[float]:
@@ -222,6 +253,6 @@ class LayerRule(ABC):
         """(Q, ...) what the rule keeps of each query's neighbours (e.g. their label vote (Q, C))."""
 
     @abstractmethod
-    def estimate(self, layer: int, probs: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
-        """probs (n, C): the example's own head distribution at ``layer``; summary: its rows of :meth:`summarize`
-        -> (n,) estimated probability that the head's prediction at ``layer`` (argmax of probs) is right."""
+    def estimate(self, layer: int, logits: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+        """logits (n, C): the example's own head output at ``layer``; summary: its rows of :meth:`summarize`
+        -> (n,) estimated probability that the head's prediction at ``layer`` (argmax of logits) is right."""

@@ -22,5 +22,5 @@ class NeighbourVote(LayerRule):
     def summarize(self, nb: Neighbours, num_classes: int) -> torch.Tensor:
         return label_vote(nb, num_classes, self.smoothing)  # (Q, C)
 
-    def estimate(self, layer: int, probs: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
-        return summary.to(probs.device).gather(1, probs.argmax(-1, keepdim=True)).squeeze(1)
+    def estimate(self, layer: int, logits: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+        return summary.to(logits.device).gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)

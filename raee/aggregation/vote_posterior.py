@@ -1,9 +1,10 @@
 """Retrieval + confidence hybrid (exit=raee_dynamic): the head and the neighbours as two experts.
 
-posterior_l(c) ∝ p_l(c) * q(c)^weight, with p_l the example's own head distribution at layer l and q the
-neighbours' nearness-weighted, smoothed label distribution (:func:`~raee.aggregation.base.label_vote`);
-estimate(l) = posterior_l(ŷ_l), the combined belief in the head's prediction ŷ_l = argmax p_l. A confident
-head that its neighbours agree with leaves early; disagreement or doubt keeps the example running.
+posterior_l(c) ∝ p_l(c) * q(c)^weight, with p_l = softmax(z_l) the example's own head distribution at layer l
+and q the neighbours' nearness-weighted, smoothed label distribution (:func:`~raee.aggregation.base.label_vote`);
+so posterior_l = softmax(z_l + weight * log q). estimate(l) = posterior_l(ŷ_l), the combined belief in the
+head's prediction ŷ_l = argmax z_l. A confident head that its neighbours agree with leaves early;
+disagreement or doubt keeps the example running.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class VotePosterior(LayerRule):
         """(Q, C) weight x log of the neighbours' label vote (> 0 everywhere: smoothing > 0)."""
         return self.weight * label_vote(nb, num_classes, self.smoothing).log()
 
-    def estimate(self, layer: int, probs: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
-        posterior = torch.softmax(probs.float().clamp(min=1e-12).log() + summary.to(probs.device), dim=-1)
-        return posterior.gather(1, probs.argmax(-1, keepdim=True)).squeeze(1)
+    def estimate(self, layer: int, logits: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()  # log p_l up to a per-row constant, which the softmax cancels
+        posterior = torch.softmax(logits + summary.to(logits.device), dim=-1)
+        return posterior.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)

@@ -65,7 +65,7 @@ def _replay_dynamic(strategy: DynamicExit, tables: SplitTables) -> torch.Tensor:
     strategy.begin(ctx)
     if callable(getattr(strategy, "remember_neighbours", None)):
         _need_neighbours(strategy, tables)
-        strategy.remember_neighbours(tables.distances, tables.ids, torch.arange(n))
+        strategy.remember_neighbours(tables.distances, tables.ids)
     exit_layers = torch.full((n,), L, dtype=torch.long)
     active = torch.arange(n)
     for layer in range(strategy.min_layer, L + 1):

@@ -38,8 +38,7 @@ class RaeeDynamicExit(RetrievalExit, DynamicExit):
         # no decision before the neighbours are known
         self.min_layer = self.plan_layer if min_layer is None else int(min_layer)
         self.num_classes: int | None = None  # the head's, set by fit/prepare
-        self._rows: torch.Tensor | None = None  # (B,) row of each batch position in the summaries
-        self._summary: torch.Tensor | None = None  # (n, ...) the rule's summary of each example's neighbours
+        self._summary: torch.Tensor | None = None  # (B, ...) the rule's summary of each example's neighbours
 
     def validate(self, num_layers: int) -> None:
         super().validate(num_layers)
@@ -62,33 +61,33 @@ class RaeeDynamicExit(RetrievalExit, DynamicExit):
 
     # ------------------------------------------------------------------ per batch
     def begin(self, ctx: BatchContext) -> None:
-        self._rows = self._summary = None
+        self._summary = None
 
-    def remember_neighbours(self, distances: torch.Tensor, ids: torch.Tensor, active: torch.Tensor) -> None:
-        """The neighbours (n, k) of the examples at batch positions ``active`` (n,), summarised once by the rule
-        (the replay of :mod:`raee.calibration.simulate` hands over stored ones)."""
+    def remember_neighbours(self, distances: torch.Tensor, ids: torch.Tensor) -> None:
+        """The neighbours (B, k) of every example of the batch, summarised once by the rule (the replay of
+        :mod:`raee.calibration.simulate` hands over stored ones). Row i of the summary is batch position i."""
         if self.num_classes is None:
             raise RuntimeError("raee_dynamic does not know the number of classes: call fit() or prepare() first")
-        rows = torch.full((int(active.max()) + 1 if len(active) else 0,), -1, dtype=torch.long)
-        rows[active.cpu()] = torch.arange(len(active))
-        nb = gather_neighbours(distances, ids, self.db.info)
-        self._rows, self._summary = rows, self.aggregator.summarize(nb, self.num_classes)
+        self._summary = self.aggregator.summarize(gather_neighbours(distances, ids, self.db.info), self.num_classes)
 
     def observe(self, state: LayerState, active: torch.Tensor, ctx: BatchContext) -> None:
         if state.layer != self.plan_layer:
             return
-        distances, ids = self.neighbours(state, ctx.texts if len(active) == ctx.batch_size
-                                         else [ctx.texts[i] for i in active.tolist()], ctx.timings)
+        if len(active) != ctx.batch_size:  # validate() keeps min_layer >= the key layer: nobody left before it
+            raise RuntimeError(f"raee_dynamic retrieves at layer {self.plan_layer} for the whole batch, but "
+                               f"{ctx.batch_size - len(active)} examples left before it")
+        distances, ids = self.neighbours(state, ctx.texts, ctx.timings)
         start = time.perf_counter()
-        self.remember_neighbours(distances, ids, active)
+        self.remember_neighbours(distances, ids)
         add_time(ctx.timings, "retrieval_aggregate", time.perf_counter() - start)
 
     def should_exit(self, layer: int, logits: torch.Tensor, active: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
-        if self._rows is None:
+        if self._summary is None:
             raise RuntimeError("raee_dynamic decided before retrieving: the exit loop must call observe() at the "
                                "key layer first")
         start = time.perf_counter()
-        summary = self._summary[self._rows[active.cpu()]]
-        estimate = self.aggregator.estimate(layer, torch.softmax(logits.float(), -1).cpu(), summary)
+        # the rows of the examples still running (all of them: no indexing, which at batch 1 costs as much)
+        summary = self._summary if len(active) == len(self._summary) else self._summary[active.cpu()]
+        leaving = self.aggregator.estimate(layer, logits.cpu(), summary) >= self.aggregator.threshold
         add_time(ctx.timings, "retrieval_aggregate", time.perf_counter() - start)
-        return (estimate >= self.aggregator.threshold).to(logits.device)
+        return leaving.to(logits.device)

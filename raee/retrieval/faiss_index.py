@@ -59,23 +59,26 @@ MAX_TRAIN_SAMPLE_BYTES = 1 << 30
 #: default 32). The lists file is memory-mapped and pages in on demand anyway; for batch-1 queries the
 #: threads cost more than the search (2-3x the wall time, 100k keys, nprobe 16), so none are started.
 ONDISK_PREFETCH_THREADS = 0
-_BLAS_SET = False
+#: flat distances go through BLAS from this many queries per call, FAISS's SIMD loop below it. FAISS 1.15
+#: switches on queries x dimension (``distance_compute_blas_threshold``, default 128000: 333 queries of
+#: 384-d keys). Measured (2026-12-06, 1 thread, 1,269 to 100k keys of 384 and 576 dims): BLAS costs 2-5x
+#: more at 1 query, is even at about 4 and 1.5-3x faster from 8, and 2.6-9x faster at 256 queries.
+BLAS_MIN_QUERIES = 4
+_LOADER_QUIET = False
 
 
 def import_faiss() -> Any:
-    """The faiss module (imported lazily: torch_exact works without it), tuned once per process."""
-    global _BLAS_SET
-    # faiss logs at INFO that its AVX2 build is missing before falling back: noise in every run
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    """The faiss module (imported lazily: torch_exact works without it)."""
+    global _LOADER_QUIET
+    if not _LOADER_QUIET:  # once: setLevel clears every logger's cache, too slow for each search
+        # faiss logs at INFO that its AVX2 build is missing before falling back: noise in every run
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+        _LOADER_QUIET = True
     try:
         import faiss
     except ImportError as err:
         raise ImportError("FAISS is not installed: pip install -e '.[cpu]' (or '.[gpu]' for the GPU build), "
                           "or use retriever=torch_exact") from err
-    if not _BLAS_SET:
-        # below this many queries per call flat search skips BLAS; 16 made batch-256 search ~10x faster
-        faiss.cvar.distance_compute_blas_threshold = 16
-        _BLAS_SET = True
     return faiss
 
 
@@ -414,8 +417,11 @@ class FaissRetriever(Retriever):
 
     # ------------------------------------------------------------------ search
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        faiss = import_faiss()
         if self._delta is not None:
-            self._merge_lists(import_faiss(), self._work_file())
+            self._merge_lists(faiss, self._work_file())
+        # a process-wide FAISS setting, set for this index's key width before every search (cheap)
+        faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES * queries.shape[1]
         return self.index.search(queries, k)
 
     # ------------------------------------------------------------------ persistence
