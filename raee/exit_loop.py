@@ -66,9 +66,10 @@ def run_early_exit(backbone: LayerwiseBackbone, head: torch.nn.Module, strategy:
                 if not keep.all():
                     state, active = backbone.select(state, keep), active[keep]
             leaving = (planned[active] == layer) | (layer == L)
-            if leaving.any():
-                _record(head(backbone.select(state, leaving) if not leaving.all() else state),
-                        active[leaving], layer, logits_out, exit_layers)
+            leavers, everyone = _count(leaving)
+            if leavers:
+                _record(head(state if everyone else backbone.select(state, leaving)),
+                        active if everyone else active[leaving], layer, logits_out, exit_layers)
         else:
             assert isinstance(strategy, DynamicExit)
             strategy.observe(state, active, ctx)
@@ -76,12 +77,14 @@ def run_early_exit(backbone: LayerwiseBackbone, head: torch.nn.Module, strategy:
                 continue
             logits = head(state)
             leaving = strategy.should_exit(layer, logits, active, ctx) | (layer == L)
-            if leaving.any():
-                _record(logits[leaving], active[leaving], layer, logits_out, exit_layers)
+            leavers, everyone = _count(leaving)
+            if leavers:
+                _record(logits if everyone else logits[leaving], active if everyone else active[leaving], layer,
+                        logits_out, exit_layers)
 
-        if leaving.all():
+        if everyone:
             break
-        if leaving.any():
+        if leavers:
             state, active = backbone.select(state, ~leaving), active[~leaving]
 
     if getattr(head, "regression", False):  # one real output: the prediction itself, no class confidence
@@ -89,6 +92,12 @@ def run_early_exit(backbone: LayerwiseBackbone, head: torch.nn.Module, strategy:
     else:
         confidences, predictions = torch.softmax(logits_out.float(), dim=-1).max(-1)
     return ExitResult(predictions=predictions, exit_layers=exit_layers, confidences=confidences, logits=logits_out)
+
+
+def _count(leaving: torch.Tensor) -> tuple[int, bool]:
+    """(how many leave, whether all do): one read of the mask (at batch 1 the loop's torch calls add up)."""
+    leavers = int(leaving.sum())
+    return leavers, leavers == leaving.numel()
 
 
 def _record(logits: torch.Tensor, positions: torch.Tensor, layer: int, logits_out: torch.Tensor,

@@ -178,18 +178,16 @@ def nearest_weights(nb: Neighbours) -> torch.Tensor:
 def label_vote(nb: Neighbours, num_classes: int, smoothing: float = 1.0) -> torch.Tensor:
     """(Q, C) the neighbours' label distribution: nearness-weighted (:func:`nearest_weights`) label counts plus
     ``smoothing`` spread evenly over the classes, normalised (uniform for a query without neighbours)."""
-    labels = nb.labels.numpy()
+    labels = nb.labels.numpy()  # -1 for invalid neighbours: they match no class
     if labels.size and int(labels.max()) >= num_classes:
         raise ValueError(f"a neighbour has label {int(labels.max())}, but the head has {num_classes} classes: the exit "
                          "database was built for other data; rebuild it with `python -m raee.build_db`")
-    queries = labels.shape[0]
-    cells = (np.arange(queries)[:, None] * num_classes + np.maximum(labels, 0)).ravel()  # invalid ones weigh 0
-    votes = np.bincount(cells, weights=_nearest_weights(nb).ravel(), minlength=queries * num_classes)
-    votes = votes.reshape(queries, num_classes) + float(smoothing) / num_classes
+    one_hot = labels[..., None] == np.arange(num_classes)  # (Q, k, C)
+    votes = np.einsum("qk,qkc->qc", _nearest_weights(nb), one_hot) + np.float32(smoothing / num_classes)
     total = votes.sum(axis=1, keepdims=True)
     share = np.full_like(votes, 1.0 / num_classes)
     np.divide(votes, total, out=share, where=total > 0)
-    return torch.from_numpy(share.astype(np.float32))
+    return torch.from_numpy(share)
 
 
 def probability_grid(step: float = 0.025) -> list[float]:

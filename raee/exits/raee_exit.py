@@ -149,7 +149,7 @@ class RetrievalExit(Calibrated, ExitStrategy):
         if timings is not None:
             add_time(timings, "retrieval_keys", t_keys - start)
             add_time(timings, "retrieval_search", t_search - t_keys)
-        return to_distances(torch.as_tensor(scores), self.retriever.metric), torch.as_tensor(ids).long()
+        return to_distances(scores, self.retriever.metric), torch.from_numpy(ids)  # search gives int64 ids
 
     def retrieval_description(self) -> dict[str, Any]:
         """What the neighbours depend on (cache keys of calibration tables)."""

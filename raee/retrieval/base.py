@@ -114,8 +114,10 @@ def to_distances(scores: torch.Tensor | np.ndarray, metric: str) -> torch.Tensor
     """
     if metric not in METRICS:
         raise ValueError(f"metric='{metric}' is unknown: choose one of {METRICS}")
-    scores = torch.as_tensor(scores).float()
-    return (1.0 - scores if metric == "ip" else scores).clamp(min=0.0)
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu().numpy()
+    scores = np.asarray(scores, dtype=np.float32)  # numpy: two calls per query at batch 1, not four torch ones
+    return torch.from_numpy(np.maximum(np.float32(1.0) - scores if metric == "ip" else scores, np.float32(0.0)))
 
 
 def check_keys(keys: np.ndarray, dim: int | None = None) -> np.ndarray:
