@@ -178,6 +178,11 @@ def nearest_weights(nb: Neighbours) -> torch.Tensor:
 def label_vote(nb: Neighbours, num_classes: int, smoothing: float = 1.0) -> torch.Tensor:
     """(Q, C) the neighbours' label distribution: nearness-weighted (:func:`nearest_weights`) label counts plus
     ``smoothing`` spread evenly over the classes, normalised (uniform for a query without neighbours)."""
+    return torch.from_numpy(label_vote_array(nb, num_classes, smoothing))
+
+
+def label_vote_array(nb: Neighbours, num_classes: int, smoothing: float = 1.0) -> np.ndarray:
+    """:func:`label_vote` as a float32 numpy array (for rules that go on in numpy)."""
     labels = nb.labels.numpy()  # -1 for invalid neighbours: they match no class
     if labels.size and int(labels.max()) >= num_classes:
         raise ValueError(f"a neighbour has label {int(labels.max())}, but the head has {num_classes} classes: the exit "
@@ -187,7 +192,7 @@ def label_vote(nb: Neighbours, num_classes: int, smoothing: float = 1.0) -> torc
     total = votes.sum(axis=1, keepdims=True)
     share = np.full_like(votes, 1.0 / num_classes)
     np.divide(votes, total, out=share, where=total > 0)
-    return torch.from_numpy(share)
+    return share
 
 
 def probability_grid(step: float = 0.025) -> list[float]:

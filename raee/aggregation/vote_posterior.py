@@ -9,9 +9,10 @@ disagreement or doubt keeps the example running.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from raee.aggregation.base import LayerRule, Neighbours, label_vote
+from raee.aggregation.base import LayerRule, Neighbours, label_vote_array
 
 
 class VotePosterior(LayerRule):
@@ -26,7 +27,7 @@ class VotePosterior(LayerRule):
 
     def summarize(self, nb: Neighbours, num_classes: int) -> torch.Tensor:
         """(Q, C) weight x log of the neighbours' label vote (> 0 everywhere: smoothing > 0)."""
-        return self.weight * label_vote(nb, num_classes, self.smoothing).log()
+        return torch.from_numpy(self.weight * np.log(label_vote_array(nb, num_classes, self.smoothing)))
 
     def estimate(self, layer: int, logits: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
         logits = logits.float()  # log p_l up to a per-row constant, which the softmax cancels
