@@ -170,10 +170,12 @@ def make_strategies() -> dict:
             "patience": PatienceExit(min_layer=0, patience=1),
             "raee": RaeeExit(BackboneKeys(layer=1), TorchExactRetriever(), RobustAggregator(0.4), k=3),
             "raee_dynamic": RaeeDynamicExit(BackboneKeys(layer=1), TorchExactRetriever(),
-                                            NeighbourVote(threshold=0.5), k=3)}
+                                            NeighbourVote(threshold=0.5), k=3),
+            "raee_dynamic_posterior": RaeeDynamicExit(BackboneKeys(layer=1), TorchExactRetriever(),
+                                                      VotePosterior(threshold=0.6), k=3)}
 
 
-@pytest.mark.parametrize("name", ["entropy", "patience", "raee", "raee_dynamic"])
+@pytest.mark.parametrize("name", ["entropy", "patience", "raee", "raee_dynamic", "raee_dynamic_posterior"])
 def test_replay_on_tables_equals_the_exit_loop(tiny, tmp_path, name):
     bb, head, dm = tiny
     strategy = make_strategies()[name]
@@ -233,6 +235,16 @@ def test_calibration_is_cached_by_content(tiny, tmp_path, monkeypatch):
     third.init_calibration(target="accuracy")
     third.fit(bb, head, dm, cache_dir=tmp_path, progress=False)
     assert not third.calibration_result["cached"]
+
+
+def test_raee_dynamic_refuses_a_batch_that_lost_examples_before_its_key_layer():
+    from types import SimpleNamespace
+
+    strategy = RaeeDynamicExit(BackboneKeys(layer=1), TorchExactRetriever(), VotePosterior())
+    ctx = BatchContext(num_layers=4, batch_size=3, texts=["a", "b", "c"])
+    strategy.observe(SimpleNamespace(layer=0), torch.tensor([0, 2]), ctx)  # not the key layer: nothing to do
+    with pytest.raises(RuntimeError, match="1 examples left before it"):
+        strategy.observe(SimpleNamespace(layer=1), torch.tensor([0, 2]), ctx)
 
 
 def test_rule_kinds_and_layers_are_checked_with_clear_errors():
