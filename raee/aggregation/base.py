@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 import torch
 
+from raee.retrieval.base import as_array
+
 if TYPE_CHECKING:
     from raee.database.tables import ShardedTable
 
@@ -82,11 +84,7 @@ class ExitInfo:
     def label_counts(self) -> torch.Tensor:
         """(max label + 1,) how many database examples carry each class id (computed once)."""
         if getattr(self, "_label_counts", None) is None:
-            counts = torch.zeros(0, dtype=torch.long)
-            for part in self._chunks(self.labels):
-                part = torch.bincount(part.long(), minlength=len(counts))
-                counts = torch.nn.functional.pad(counts, (0, len(part) - len(counts))) + part
-            self._label_counts = counts
+            self._label_counts = torch.from_numpy(np.bincount(self.label_array()))
         return self._label_counts
 
     def _chunks(self, table: Table, rows: int = 1 << 20) -> Iterator[torch.Tensor]:
@@ -138,8 +136,8 @@ def gather_neighbours(distances: torch.Tensor | np.ndarray, ids: torch.Tensor | 
     the CPU, and this runs in numpy: at batch 1 it runs once per example, where a dozen small torch calls
     (about 5 us each with the caches cold after a layer) cost more than the work.
     """
-    ids = _array(ids, np.int64)
-    distances = _array(distances, np.float32)
+    ids = as_array(ids, np.int64)
+    distances = as_array(distances, np.float32)
     if ids.ndim != 2 or ids.shape != distances.shape:
         raise ValueError(f"distances {tuple(distances.shape)} and ids {tuple(ids.shape)} must both be (Q, k)")
     if ids.size and int(ids.max()) >= info.size:
@@ -151,12 +149,6 @@ def gather_neighbours(distances: torch.Tensor | np.ndarray, ids: torch.Tensor | 
     return Neighbours(valid=torch.from_numpy(valid), distances=torch.from_numpy(np.where(valid, distances, np.float32(0))),
                       labels=torch.from_numpy(labels), rows=torch.from_numpy(rows), info=info)
 
-
-def _array(values: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
-    """A tensor (any device) or array-like as a numpy array of ``dtype`` (no copy when it already is one)."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=dtype)
 
 
 #: distances are floored here, so an exact duplicate (distance 0) weighs 1 and the others stay finite

@@ -114,10 +114,16 @@ def to_distances(scores: torch.Tensor | np.ndarray, metric: str) -> torch.Tensor
     """
     if metric not in METRICS:
         raise ValueError(f"metric='{metric}' is unknown: choose one of {METRICS}")
-    if isinstance(scores, torch.Tensor):
-        scores = scores.detach().cpu().numpy()
-    scores = np.asarray(scores, dtype=np.float32)  # numpy: two calls per query at batch 1, not four torch ones
+    scores = as_array(scores, np.float32)  # numpy: two calls per query at batch 1, not four torch ones
     return torch.from_numpy(np.maximum(np.float32(1.0) - scores if metric == "ip" else scores, np.float32(0.0)))
+
+
+def as_array(values: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
+    """Search results (scores, distances, ids) from a tensor (any device) or array-like as a numpy array of
+    ``dtype`` (no copy when they already are one)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=dtype)
 
 
 def check_keys(keys: np.ndarray, dim: int | None = None) -> np.ndarray:
