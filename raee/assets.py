@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raee.cache import load_or_build
+from raee.errors import MissingFileError
 
 
 def cache_home() -> Path:
@@ -159,7 +160,7 @@ def _build(asset: PackagedAsset, directory: Path, progress: bool) -> None:
 def _load(asset: PackagedAsset, directory: Path) -> Path:
     path = directory / asset.filename
     if not (directory / "SOURCE").exists() or not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
+        raise MissingFileError(f"{path} is missing")
     return path
 
 

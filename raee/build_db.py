@@ -21,6 +21,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from raee.errors import MissingFileError, UserError
 from raee.run import CONF_DIR
 
 
@@ -57,13 +58,13 @@ def append(cfg: DictConfig, backbone: Any, head: Any, key_encoder: Any, datamodu
     from raee.database.store import file_sha256
 
     if not cfg.db.dir:
-        raise ValueError("db.append adds examples to an existing database: name it with db.dir=<directory> (the "
-                         "automatic cache entry is keyed by its training data and is never extended)")
+        raise UserError("db.append adds examples to an existing database: name it with db.dir=<directory> (the "
+                        "automatic cache entry is keyed by its training data and is never extended)")
     directory = Path(cfg.db.dir)
     meta = read_meta(directory)
     if meta.get("label_names") and list(meta["label_names"]) != list(datamodule.label_names):
-        raise ValueError(f"exit database {directory} was built for the classes {meta['label_names']}, the data "
-                         f"config has {list(datamodule.label_names)}: use the data config the database was built with")
+        raise UserError(f"exit database {directory} was built for the classes {meta['label_names']}, the data "
+                        f"config has {list(datamodule.label_names)}: use the data config the database was built with")
     path = Path(str(cfg.db.append)).expanduser()
     dataset = examples_from_file(path, datamodule)
     batches = DataLoader(dataset, batch_size=datamodule.batch_size, collate_fn=collate_batch)
@@ -81,9 +82,9 @@ def examples_from_file(path: Path, datamodule: Any) -> Any:
     from raee.data.sources import READERS, read_table, select_columns
 
     if not path.is_file():
-        raise FileNotFoundError(f"db.append={str(path)!r} is not a file: give a {'/'.join(sorted(READERS))} file of "
-                                "labelled examples (columns data.text_column and data.label_column) to add to the "
-                                "database in db.dir")
+        raise MissingFileError(f"db.append={str(path)!r} is not a file: give a {'/'.join(sorted(READERS))} file of "
+                               "labelled examples (columns data.text_column and data.label_column) to add to the "
+                               "database in db.dir")
     options = getattr(datamodule, "options", {})
     text_column, label_column = options.get("text_column", "text"), options.get("label_column", "label")
     pair_column = options.get("text_pair_column")

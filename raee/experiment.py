@@ -23,6 +23,7 @@ import raee
 from raee.atomic import atomic_write_text
 from raee.backbones.base import LayerwiseBackbone
 from raee.cache import load_or_build
+from raee.errors import UserError
 from raee.exits.base import ExitStrategy
 from raee.exits.simple import FullModel, OracleExit
 from raee.heads.base import Head
@@ -108,8 +109,8 @@ def prepare_head(backbone: LayerwiseBackbone, head: Head, datamodule: Any, cache
         except Exception as err:
             if auto:
                 raise
-            raise ValueError(f"head.checkpoint={directory} does not load ({type(err).__name__}: {err}): delete it "
-                             "to train the head again there, or point head.checkpoint elsewhere") from err
+            raise UserError(f"head.checkpoint={directory} does not load ({type(err).__name__}: {err}): delete it "
+                            "to train the head again there, or point head.checkpoint elsewhere") from err
 
     load_or_build(target, build, load, auto=auto, what="cached head")
 
@@ -120,7 +121,7 @@ EVAL_LOADERS = {"test": "test_dataloader", "validation": "val_dataloader"}
 
 def check_split(split: str) -> None:
     if split not in EVAL_LOADERS:
-        raise ValueError(f"split={split!r} cannot be evaluated: use test (results) or validation (choosing knobs)")
+        raise UserError(f"split={split!r} cannot be evaluated: use test (results) or validation (choosing knobs)")
 
 
 def evaluate(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, datamodule: Any,

@@ -20,6 +20,8 @@ import sys
 import warnings
 from typing import Any
 
+from raee.errors import UserError
+
 #: batches between progress-bar refreshes when the console is a log file (tqdm writes a refresh each time)
 LOG_REFRESH_STEPS = 10
 
@@ -51,7 +53,7 @@ def level_number(level: str | int) -> int:
         return level
     value = logging.getLevelName(str(level).upper())
     if not isinstance(value, int):
-        raise ValueError(f"log_level={level!r} is not a logging level: use DEBUG, INFO, WARNING or ERROR")
+        raise UserError(f"log_level={level!r} is not a logging level: use DEBUG, INFO, WARNING or ERROR")
     return value
 
 

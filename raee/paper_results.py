@@ -25,6 +25,8 @@ from typing import Any
 
 import pandas as pd
 
+from raee.errors import UserError
+
 
 @dataclass(frozen=True)
 class PaperRow:
@@ -115,7 +117,7 @@ COMPARISON_COLUMNS = (
 
 def get_table(table: str) -> PaperTable:
     if table not in PAPER_TABLES:
-        raise ValueError(f"unknown paper table {table!r}: choose one of {sorted(PAPER_TABLES)}")
+        raise UserError(f"unknown paper table {table!r}: choose one of {sorted(PAPER_TABLES)}")
     return PAPER_TABLES[table]
 
 
@@ -249,8 +251,8 @@ def compare_with_paper(df: pd.DataFrame, table: str = "raee_table1") -> pd.DataF
     required = {"method", "dataset", "backbone", "head", "task_metric_value"}
     missing = required - set(df.columns)
     if missing:
-        raise ValueError(f"the results table lacks columns {sorted(missing)}: pass the DataFrame "
-                         f"raee.report.collect(<sweep dir>) returns")
+        raise UserError(f"the results table lacks columns {sorted(missing)}: pass the DataFrame "
+                        f"raee.report.collect(<sweep dir>) returns")
     rows: list[dict[str, Any]] = []
     matched: set[tuple[str, str, str]] = set()  # (paper method, paper backbone, paper dataset) with a run
     for _, run in df.iterrows():

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 import torch
 
+from raee.errors import UserError
 from raee.retrieval.base import as_array
 
 if TYPE_CHECKING:
@@ -43,13 +44,13 @@ class ExitInfo:
     def __post_init__(self) -> None:
         shape = tuple(self.correct.shape)
         if len(shape) != 2 or shape[1] < 1:
-            raise ValueError(f"ExitInfo.correct must be (N, L+1), got shape {shape}")
+            raise UserError(f"ExitInfo.correct must be (N, L+1), got shape {shape}")
         for name in ("preds", "probs"):
             if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"ExitInfo.{name} has shape {tuple(getattr(self, name).shape)}, "
-                                 f"ExitInfo.correct has {shape}: all per-layer tables must be (N, L+1)")
+                raise UserError(f"ExitInfo.{name} has shape {tuple(getattr(self, name).shape)}, "
+                                f"ExitInfo.correct has {shape}: all per-layer tables must be (N, L+1)")
         if tuple(self.labels.shape) != shape[:1]:
-            raise ValueError(f"ExitInfo.labels has shape {tuple(self.labels.shape)}, expected ({shape[0]},)")
+            raise UserError(f"ExitInfo.labels has shape {tuple(self.labels.shape)}, expected ({shape[0]},)")
 
     @property
     def num_layers(self) -> int:
@@ -139,10 +140,10 @@ def gather_neighbours(distances: torch.Tensor | np.ndarray, ids: torch.Tensor | 
     ids = as_array(ids, np.int64)
     distances = as_array(distances, np.float32)
     if ids.ndim != 2 or ids.shape != distances.shape:
-        raise ValueError(f"distances {tuple(distances.shape)} and ids {tuple(ids.shape)} must both be (Q, k)")
+        raise UserError(f"distances {tuple(distances.shape)} and ids {tuple(ids.shape)} must both be (Q, k)")
     if ids.size and int(ids.max()) >= info.size:
-        raise ValueError(f"neighbour id {int(ids.max())} is outside the exit database ({info.size} examples): the "
-                         "index and the exit tables do not match; rebuild the database with `python -m raee.build_db`")
+        raise UserError(f"neighbour id {int(ids.max())} is outside the exit database ({info.size} examples): the "
+                        "index and the exit tables do not match; rebuild the database with `python -m raee.build_db`")
     valid = (ids >= 0) & np.isfinite(distances)
     rows = np.maximum(ids, 0)
     labels = np.where(valid, info.label_array()[rows], -1)
@@ -177,8 +178,8 @@ def label_vote_array(nb: Neighbours, num_classes: int, smoothing: float = 1.0) -
     """:func:`label_vote` as a float32 numpy array (for rules that go on in numpy)."""
     labels = nb.labels.numpy()  # -1 for invalid neighbours: they match no class
     if labels.size and int(labels.max()) >= num_classes:
-        raise ValueError(f"a neighbour has label {int(labels.max())}, but the head has {num_classes} classes: the exit "
-                         "database was built for other data; rebuild it with `python -m raee.build_db`")
+        raise UserError(f"a neighbour has label {int(labels.max())}, but the head has {num_classes} classes: the exit "
+                        "database was built for other data; rebuild it with `python -m raee.build_db`")
     one_hot = labels[..., None] == np.arange(num_classes)  # (Q, k, C)
     votes = np.einsum("qk,qkc->qc", _nearest_weights(nb), one_hot) + np.float32(smoothing / num_classes)
     total = votes.sum(axis=1, keepdims=True)

@@ -6,14 +6,15 @@ from __future__ import annotations
 import torch
 
 from raee.aggregation.base import Aggregator, ExitInfo
+from raee.errors import UserError
 
 
 class ConfidenceThreshold(Aggregator):
     def __init__(self, base: Aggregator, threshold: float = 0.5) -> None:
         if not callable(getattr(base, "choose", None)):
-            raise ValueError(f"aggregator.base must be an aggregation rule (with choose()), got {type(base).__name__}")
+            raise UserError(f"aggregator.base must be an aggregation rule (with choose()), got {type(base).__name__}")
         if not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"aggregator.threshold={threshold} must be in [0, 1] (a probability)")
+            raise UserError(f"aggregator.threshold={threshold} must be in [0, 1] (a probability)")
         self.base = base
         self.threshold = float(threshold)
 

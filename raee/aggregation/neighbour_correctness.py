@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 
 from raee.aggregation.base import Aggregator, ExitInfo, finish, gather_neighbours, nearest_weights
+from raee.errors import UserError
 
 
 class NeighbourCorrectness(Aggregator):
     def __init__(self, threshold: float = 0.9, strength: float = 2.0) -> None:
         if float(strength) < 0:
-            raise ValueError(f"aggregator.strength={strength} must be >= 0 (pseudo-neighbours at the database prior)")
+            raise UserError(f"aggregator.strength={strength} must be >= 0 (pseudo-neighbours at the database prior)")
         self.threshold = float(threshold)
         self.strength = float(strength)
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 
 from raee.aggregation.base import LayerRule, Neighbours, label_vote
+from raee.errors import UserError
 
 
 class NeighbourVote(LayerRule):
     def __init__(self, threshold: float = 0.6, smoothing: float = 1.0) -> None:
         if float(smoothing) < 0:
-            raise ValueError(f"aggregator.smoothing={smoothing} must be >= 0 (pseudo-votes spread over the classes)")
+            raise UserError(f"aggregator.smoothing={smoothing} must be >= 0 (pseudo-votes spread over the classes)")
         self.threshold = float(threshold)
         self.smoothing = float(smoothing)
 

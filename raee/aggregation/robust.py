@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 
 from raee.aggregation.base import Aggregator, ExitInfo, finish, gather_neighbours, nearest_weights
+from raee.errors import UserError
 
 
 class RobustAggregator(Aggregator):
     def __init__(self, threshold: float = 0.9, top_p: int = 3) -> None:
         if int(top_p) < 1:
-            raise ValueError(f"aggregator.top_p={top_p} must be at least 1 (entries kept per unsure neighbour)")
+            raise UserError(f"aggregator.top_p={top_p} must be at least 1 (entries kept per unsure neighbour)")
         self.threshold = float(threshold)
         self.top_p = int(top_p)
 

@@ -13,14 +13,15 @@ import numpy as np
 import torch
 
 from raee.aggregation.base import LayerRule, Neighbours, label_vote_array
+from raee.errors import UserError
 
 
 class VotePosterior(LayerRule):
     def __init__(self, threshold: float = 0.9, weight: float = 2.0, smoothing: float = 1.0) -> None:
         if float(weight) < 0:
-            raise ValueError(f"aggregator.weight={weight} must be >= 0 (0 ignores the neighbours: a max-probability rule)")
+            raise UserError(f"aggregator.weight={weight} must be >= 0 (0 ignores the neighbours: a max-probability rule)")
         if float(smoothing) <= 0:
-            raise ValueError(f"aggregator.smoothing={smoothing} must be > 0 (keeps every class possible)")
+            raise UserError(f"aggregator.smoothing={smoothing} must be > 0 (keeps every class possible)")
         self.threshold = float(threshold)
         self.weight = float(weight)
         self.smoothing = float(smoothing)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 
 from raee.aggregation.base import Aggregator, ExitInfo, finish, gather_neighbours
+from raee.errors import UserError
 
 
 class SimilarityWeightedVote(Aggregator):
     def __init__(self, temperature: float = 0.1) -> None:
         if not float(temperature) > 0:
-            raise ValueError(f"aggregator.temperature={temperature} must be > 0 (smaller = trust the nearest more)")
+            raise UserError(f"aggregator.temperature={temperature} must be > 0 (smaller = trust the nearest more)")
         self.temperature = float(temperature)
 
     def choose(self, distances: torch.Tensor, ids: torch.Tensor, info: ExitInfo) -> tuple[torch.Tensor, torch.Tensor]:

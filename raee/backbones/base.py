@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from raee.backbones.lm_head import LMHeadRows
+from raee.errors import UserError
 
 
 @dataclass
@@ -124,7 +125,7 @@ class LayerwiseBackbone(nn.Module, ABC):
         """
         layer = state.layer + 1
         if layer > self.num_layers:
-            raise ValueError(f"cannot run layer {layer}: the backbone has {self.num_layers} layers")
+            raise UserError(f"cannot run layer {layer}: the backbone has {self.num_layers} layers")
         self.layer_examples[layer] += state.batch_size
         hidden = (compute or self._run_layer)(layer, state)
         return LayerState(hidden=hidden, attention_mask=state.attention_mask, input_ids=state.input_ids,
@@ -152,7 +153,7 @@ class LayerwiseBackbone(nn.Module, ABC):
         (N, len(token_ids)) when ``token_ids`` are given: only those vocabulary rows are computed
         (a prompt head's label words), never the whole vocabulary."""
         if self.lm_head is None:
-            raise ValueError(
+            raise UserError(
                 f"backbone '{self.name}' has no language-model head (the checkpoint has no MLM/LM weights); "
                 "the prompt head needs one: use head=prototype or head=linear, or a checkpoint with an LM head")
         rows = self.__dict__.get("_lm_rows")

@@ -21,6 +21,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from raee.backbones.base import LayerState, LayerwiseBackbone
+from raee.errors import UserError
 
 
 class GemmaBackbone(LayerwiseBackbone):
@@ -30,7 +31,7 @@ class GemmaBackbone(LayerwiseBackbone):
 
     def __init__(self, model: nn.Module, tokenizer, **kwargs) -> None:
         if getattr(model.config, "use_bidirectional_attention", False):
-            raise ValueError(
+            raise UserError(
                 f"{type(model).__name__} uses bidirectional attention (an embedding model such as EmbeddingGemma), "
                 "not a causal decoder: use a causal Gemma checkpoint, or an encoder backbone")
         super().__init__(model, tokenizer, **kwargs)

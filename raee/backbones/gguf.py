@@ -20,6 +20,7 @@ from pathlib import Path
 
 from raee.assets import cache_home, sha256_file
 from raee.cache import load_or_build
+from raee.errors import MissingFileError, UserError
 
 #: bump when the conversion below changes what it writes (old entries are then left unused)
 CONVERSION_VERSION = 1
@@ -49,11 +50,11 @@ def check_gguf(gguf_file: Path, fix: str) -> None:
         reader = GGUFReader(gguf_file)
         end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     except Exception as err:  # noqa: BLE001 - the reader fails in many ways on a damaged file
-        raise ValueError(f"{gguf_file} is not a complete GGUF file ({type(err).__name__}: {err}); it is probably "
-                         f"truncated or damaged: {fix}") from err
+        raise UserError(f"{gguf_file} is not a complete GGUF file ({type(err).__name__}: {err}); it is probably "
+                        f"truncated or damaged: {fix}") from err
     size = gguf_file.stat().st_size
     if end > size:
-        raise ValueError(f"{gguf_file} is truncated: its tensors need {end} bytes, the file has {size}: {fix}")
+        raise UserError(f"{gguf_file} is truncated: its tensors need {end} bytes, the file has {size}: {fix}")
 
 
 def convert_gguf(gguf_file: Path, out: Path) -> None:
@@ -82,10 +83,10 @@ def _check_converted(directory: Path) -> Path:
     json.loads((directory / SOURCE_FILE).read_text())
     json.loads((directory / "config.json").read_text())
     if not (directory / "tokenizer_config.json").exists():
-        raise FileNotFoundError(f"{directory} has no tokenizer_config.json")
+        raise MissingFileError(f"{directory} has no tokenizer_config.json")
     weights = sorted(directory.glob("*.safetensors"))
     if not weights:
-        raise FileNotFoundError(f"{directory} has no *.safetensors weights")
+        raise MissingFileError(f"{directory} has no *.safetensors weights")
     for path in weights:
         with safe_open(str(path), "pt"):  # raises on a truncated file (its header no longer covers the file)
             pass

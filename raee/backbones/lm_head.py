@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raee.errors import UserError
+
 
 class LMHeadRows:
     """Logits of a model's LM head, for the whole vocabulary or for chosen token ids only.
@@ -59,7 +61,7 @@ def split_lm_head(lm_head: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Te
             return lm_head.layer_norm(F.gelu(lm_head.dense(x)))
 
         return transform, lm_head.decoder
-    raise ValueError(
+    raise UserError(
         f"cannot split the LM head {type(lm_head).__name__} into a transform and a vocabulary projection: "
         "add its layout to raee/backbones/lm_head.py::split_lm_head (the prompt head scores only the label "
         "words' rows of the projection)")

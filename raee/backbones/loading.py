@@ -29,6 +29,7 @@ from raee.backbones.decoder import GPT2Backbone, LlamaBackbone
 from raee.backbones.encoder import EncoderBackbone
 from raee.backbones.gemma import GemmaBackbone
 from raee.backbones.gguf import cached_gguf_model
+from raee.errors import MissingFileError, UserError
 
 #: names that resolve to a model shipped inside a pip package (works offline)
 OFFLINE_MODELS: dict[str, tuple[str, str]] = {
@@ -98,7 +99,7 @@ def resolve_model_source(name_or_path: str, *, packaged: bool = True) -> str:
         return str(cached_gguf_model(path, fix=f"download {path.name} again, or give a save_pretrained() directory"))
     if path.exists():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"backbone path '{path}' exists but has no config.json: give the directory that "
                 "save_pretrained() wrote (config.json, weights and tokenizer files) or a .gguf file")
         return str(path)
@@ -120,7 +121,7 @@ def resolve_model_source(name_or_path: str, *, packaged: bool = True) -> str:
         return str(cached_gguf_model(gguf_file, fix=fix))
     looks_like_path = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1)
     if looks_like_path:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"backbone path '{name_or_path}' does not exist: give an existing local model directory or .gguf file, "
             f"one of the offline names {sorted(OFFLINE_MODELS)} or {sorted(PACKAGED_GGUF)}, "
             "or a hub name (needs a network)")
@@ -129,7 +130,7 @@ def resolve_model_source(name_or_path: str, *, packaged: bool = True) -> str:
 
 def _family(model_type: str) -> tuple[type[LayerwiseBackbone], str]:
     if model_type not in FAMILIES:
-        raise ValueError(
+        raise UserError(
             f"unsupported backbone model_type '{model_type}': supported are {sorted(FAMILIES)}; "
             "add a LayerwiseBackbone subclass in raee/backbones/ and register it in FAMILIES")
     return FAMILIES[model_type]
@@ -149,7 +150,7 @@ def _split_lm_model(lm_model: nn.Module, kind: str) -> tuple[nn.Module, nn.Modul
                                    lm_model.vocab_layer_norm, lm_model.vocab_projector)
     if hasattr(lm_model, "generator_predictions"):  # ELECTRA generator
         return base, nn.Sequential(lm_model.generator_predictions, lm_model.generator_lm_head)
-    raise ValueError(f"cannot find the LM head of {type(lm_model).__name__}")
+    raise UserError(f"cannot find the LM head of {type(lm_model).__name__}")
 
 
 def _load_tokenizer(source: str) -> Any:
@@ -179,13 +180,13 @@ def load_backbone(name_or_path: str | None = None, *, tiny: dict[str, Any] | Non
     from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM)
 
     if (name_or_path is None) == (tiny is None):
-        raise ValueError("give exactly one of backbone.name_or_path (a real model) or backbone.tiny (a config dict)")
+        raise UserError("give exactly one of backbone.name_or_path (a real model) or backbone.tiny (a config dict)")
     torch_dtype = getattr(torch, dtype)
     if tiny is not None:
         tiny = dict(tiny)
         model_type = tiny.pop("model_type", None)
         if model_type is None:
-            raise ValueError("backbone.tiny needs a model_type, e.g. bert or gpt2")
+            raise UserError("backbone.tiny needs a model_type, e.g. bert or gpt2")
         backbone_cls, kind = _family(model_type)
         tok = _load_tokenizer(resolve_model_source(tokenizer or "all-MiniLM-L6-v2"))
         config = AutoConfig.for_model(model_type, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
@@ -214,7 +215,7 @@ def load_backbone(name_or_path: str | None = None, *, tiny: dict[str, Any] | Non
         # the checkpoint's architectures tell whether LM-head weights were saved (MiniLM: BertModel only)
         saved_with_head = any(a.endswith(LM_ARCHITECTURE_SUFFIXES) for a in (config.architectures or []))
         if lm_head is True and not saved_with_head:
-            raise ValueError(
+            raise UserError(
                 f"backbone '{name_or_path}' was saved without an LM head (architectures={config.architectures}): "
                 "set backbone.lm_head=auto and use head=prototype or head=linear, or give a *ForMaskedLM checkpoint")
         with _quiet_transformers():

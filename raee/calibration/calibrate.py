@@ -19,6 +19,7 @@ from raee.atomic import atomic_write_text
 from raee.calibration.simulate import simulate
 from raee.calibration.tables import SplitTables, load_or_compute_tables, tables_key
 from raee.calibration.target import choose_point
+from raee.errors import UserError
 
 SPLIT = "validation"
 
@@ -48,7 +49,7 @@ def calibrate_on_tables(strategy: Any, tables: SplitTables) -> dict[str, Any]:
     """Sweep the strategy's grid on validation ``tables`` and choose by its target (no cache)."""
     grid = list(strategy.calibration.grid or strategy.default_grid(tables.num_layers, int(tables.logits.shape[-1])))
     if not grid:
-        raise ValueError(f"{type(strategy).__name__} has no default grid for {strategy.knob}: give exit.grid=[...]")
+        raise UserError(f"{type(strategy).__name__} has no default grid for {strategy.knob}: give exit.grid=[...]")
     curve = sweep_knob(strategy, tables, grid)
     full = full_model_scores(tables)
     point, met = choose_point(curve, strategy.calibration, full["accuracy"])

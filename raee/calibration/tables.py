@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raee.atomic import atomic_path, atomic_write_text
+from raee.errors import UserError
 from raee.features import iterate_all_layers
 
 
@@ -36,13 +37,13 @@ class SplitTables:
 
     def __post_init__(self) -> None:
         if self.logits.ndim != 3 or self.labels.shape != self.logits.shape[:1]:
-            raise ValueError(f"SplitTables: logits must be (N, L+1, C) and labels (N,), got "
-                             f"{tuple(self.logits.shape)} and {tuple(self.labels.shape)}")
+            raise UserError(f"SplitTables: logits must be (N, L+1, C) and labels (N,), got "
+                            f"{tuple(self.logits.shape)} and {tuple(self.labels.shape)}")
         if (self.ids is None) != (self.distances is None):
-            raise ValueError("SplitTables: give both ids and distances, or neither")
+            raise UserError("SplitTables: give both ids and distances, or neither")
         if self.ids is not None and (self.ids.shape != self.distances.shape or self.ids.shape[0] != self.size):
-            raise ValueError(f"SplitTables: ids {tuple(self.ids.shape)} and distances {tuple(self.distances.shape)} "
-                             f"must both be (N={self.size}, k)")
+            raise UserError(f"SplitTables: ids {tuple(self.ids.shape)} and distances {tuple(self.distances.shape)} "
+                            f"must both be (N={self.size}, k)")
 
     @property
     def size(self) -> int:
@@ -92,7 +93,7 @@ def split_fingerprint(dataset: Any) -> str:
 def loader_for(datamodule: Any, split: str) -> Any:
     """The datamodule's loader of ``split`` ("validation" or "test")."""
     if split not in ("validation", "test"):
-        raise ValueError(f"tables are built for the validation or test split, not {split!r}")
+        raise UserError(f"tables are built for the validation or test split, not {split!r}")
     return datamodule.val_dataloader() if split == "validation" else datamodule.test_dataloader()
 
 
@@ -112,7 +113,7 @@ def compute_tables(backbone: Any, head: Any, datamodule: Any, split: str = "vali
             distances.append(d.cpu())
             ids.append(i.cpu())
     if not logits:
-        raise ValueError(f"the {split} split is empty: calibration needs {split} examples")
+        raise UserError(f"the {split} split is empty: calibration needs {split} examples")
     return SplitTables(logits=torch.cat(logits), labels=torch.cat(labels),
                        distances=torch.cat(distances) if distances else None, ids=torch.cat(ids) if ids else None)
 

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from raee.errors import UserError
+
 TARGETS = ("accuracy", "mean_layer")
 
 
@@ -31,16 +33,16 @@ class CalibrationTarget:
 
     def __post_init__(self) -> None:
         if self.target is not None and self.target not in TARGETS:
-            raise ValueError(f"exit.target={self.target!r} is unknown: use accuracy (with exit.max_drop), mean_layer "
-                             "(with exit.max_layer) or null (no calibration)")
+            raise UserError(f"exit.target={self.target!r} is unknown: use accuracy (with exit.max_drop), mean_layer "
+                            "(with exit.max_layer) or null (no calibration)")
         if not (math.isfinite(float(self.max_drop)) and float(self.max_drop) >= 0):
-            raise ValueError(f"exit.max_drop={self.max_drop} must be a finite number >= 0 (accuracy points as a "
-                             "fraction, e.g. 0.01 = one point below the full model)")
+            raise UserError(f"exit.max_drop={self.max_drop} must be a finite number >= 0 (accuracy points as a "
+                            "fraction, e.g. 0.01 = one point below the full model)")
         if self.target == "mean_layer" and (self.max_layer is None or not float(self.max_layer) >= 0):
-            raise ValueError(f"exit.target=mean_layer needs exit.max_layer >= 0 (the mean layers allowed), got "
-                             f"{self.max_layer}")
+            raise UserError(f"exit.target=mean_layer needs exit.max_layer >= 0 (the mean layers allowed), got "
+                            f"{self.max_layer}")
         if self.grid is not None and len(self.grid) == 0:
-            raise ValueError("exit.grid is empty: give the candidate knob values or null for the default grid")
+            raise UserError("exit.grid is empty: give the candidate knob values or null for the default grid")
 
     @property
     def active(self) -> bool:
@@ -59,7 +61,7 @@ def choose_point(curve: Sequence[dict[str, Any]], target: CalibrationTarget, ful
     """The point of ``curve`` (dicts with value, accuracy, mean_layers_computed, in grid order) that meets
     ``target``, and whether one met it (see the module docstring for the rule)."""
     if not curve:
-        raise ValueError("calibration has no candidate settings: the grid is empty")
+        raise UserError("calibration has no candidate settings: the grid is empty")
     order = list(range(len(curve)))
     acc = [float(p["accuracy"]) for p in curve]
     cost = [float(p["mean_layers_computed"]) for p in curve]
@@ -75,7 +77,7 @@ def choose_point(curve: Sequence[dict[str, Any]], target: CalibrationTarget, ful
             return curve[min(ok, key=lambda i: (-acc[i], cost[i], i))], True
         best = min(order, key=lambda i: (cost[i], -acc[i], i))
     else:
-        raise ValueError("no calibration target set (exit.target is null)")
+        raise UserError("no calibration target set (exit.target is null)")
     return curve[best], False
 
 

@@ -14,6 +14,7 @@ from raee.data.dataset import TASK_TYPES, TextDataset, collate_batch
 from raee.data.labels import encode_labels
 from raee.data.sources import PACKAGED_SOURCES, SPLITS, RawData, load_bbcnews, load_hub, load_local
 from raee.data.splitting import check_fraction, fraction_size, partition, subsample
+from raee.errors import UserError
 
 SOURCES = ("bbcnews", *PACKAGED_SOURCES, "local", "hf")
 TASK_METRICS = {"classification": ("accuracy", "macro_f1", "mcc"), "regression": ("pearson", "spearman")}
@@ -72,26 +73,26 @@ class TextClassificationDataModule(L.LightningDataModule):
                  prompt: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if source not in SOURCES:
-            raise ValueError(f"data source {source!r} is not supported: use one of {list(SOURCES)} "
-                             "(local for CSV/TSV/JSON/JSONL/Parquet files)")
+            raise UserError(f"data source {source!r} is not supported: use one of {list(SOURCES)} "
+                            "(local for CSV/TSV/JSON/JSONL/Parquet files)")
         if task_type not in TASK_TYPES:
-            raise ValueError(f"task_type={task_type!r} is not supported: use one of {list(TASK_TYPES)}")
+            raise UserError(f"task_type={task_type!r} is not supported: use one of {list(TASK_TYPES)}")
         if source == "hf" and not hf_name:
-            raise ValueError("source=hf needs hf_name (e.g. glue) and, where the dataset has configs, hf_config "
-                             "(e.g. sst2)")
+            raise UserError("source=hf needs hf_name (e.g. glue) and, where the dataset has configs, hf_config "
+                            "(e.g. sst2)")
         self.val_fraction = check_fraction("val_fraction", val_fraction)
         self.test_fraction = check_fraction("test_fraction", test_fraction)
         if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves no "
-                             "training data: make their sum less than 1")
+            raise UserError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves no "
+                            "training data: make their sum less than 1")
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
                            ("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
             if value is not None and int(value) < 1:
-                raise ValueError(f"{key}={value} must be a positive integer (or null where allowed)")
+                raise UserError(f"{key}={value} must be a positive integer (or null where allowed)")
         metric = task_metric or ("pearson" if task_type == "regression" else "accuracy")
         if metric not in TASK_METRICS[task_type]:
-            raise ValueError(f"task_metric={metric!r} does not fit task_type={task_type!r}: use one of "
-                             f"{list(TASK_METRICS[task_type])}")
+            raise UserError(f"task_metric={metric!r} does not fit task_type={task_type!r}: use one of "
+                            f"{list(TASK_METRICS[task_type])}")
         self.source = source
         self.options = dict(file=file, train_file=train_file, validation_file=validation_file, test_file=test_file,
                             text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
@@ -139,11 +140,11 @@ class TextClassificationDataModule(L.LightningDataModule):
             return
         raw = self._load_raw()
         if "train" not in raw.frames:
-            raise ValueError(f"{raw.origin} has no train split: give a train file (train_file or file) or map a "
-                             "hub split to train with hf_splits")
+            raise UserError(f"{raw.origin} has no train split: give a train file (train_file or file) or map a "
+                            "hub split to train with hf_splits")
         for split, frame in raw.frames.items():
             if len(frame) == 0:
-                raise ValueError(f"split {split!r} of {raw.origin} is empty: give data with at least one example")
+                raise UserError(f"split {split!r} of {raw.origin} is empty: give data with at least one example")
         labels, names = encode_labels(raw.frames, self.task_type, self.explicit_label_names, raw.label_names,
                                       origin=raw.origin)
         full = {split: TextDataset(frame["text"].tolist(), labels[split],
@@ -160,15 +161,15 @@ class TextClassificationDataModule(L.LightningDataModule):
                 splits[split] = ds.subset(keep)
         for split, ds in splits.items():
             if len(ds) == 0:
-                raise ValueError(f"the {split} split of {self.name} is empty: add data or change val_fraction/"
-                                 "test_fraction/max_*_examples")
+                raise UserError(f"the {split} split of {self.name} is empty: add data or change val_fraction/"
+                                "test_fraction/max_*_examples")
         if self.task_type == "classification":
             present = sorted(set(splits["train"].labels.tolist()))
             if len(present) < 2:
                 only = ", ".join(repr(names[i]) for i in present)
-                raise ValueError(f"the train split of {self.name} has examples of one class only ({only}): a "
-                                 "classifier needs at least two; check label_column and the data (or raise "
-                                 "max_train_examples)")
+                raise UserError(f"the train split of {self.name} has examples of one class only ({only}): a "
+                                "classifier needs at least two; check label_column and the data (or raise "
+                                "max_train_examples)")
         self._splits = splits
 
     def _strat_labels(self, ds: TextDataset) -> np.ndarray | None:
@@ -184,8 +185,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         fractions = {"test": self.test_fraction, "validation": self.val_fraction}
         sizes = [fraction_size(n, fractions[s]) for s in need]
         if n - sum(sizes) < 1:
-            raise ValueError(f"the train data of {self.name} has only {n} examples, too few to carve "
-                             f"{' and '.join(need)} splits out of it: add data or give those splits as files")
+            raise UserError(f"the train data of {self.name} has only {n} examples, too few to carve "
+                            f"{' and '.join(need)} splits out of it: add data or give those splits as files")
         parts = partition(self._strat_labels(train), [n - sum(sizes), *sizes], seed=self.seed,
                           stratify=self.stratify, what=f"{self.name} train/{'/'.join(need)} split")
         out = dict(full)
@@ -206,7 +207,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         """The TextDataset of "train", "validation" (alias "val") or "test"; loads the data if needed."""
         key = {"val": "validation", "valid": "validation", "dev": "validation"}.get(name, name)
         if key not in SPLITS:
-            raise ValueError(f"unknown split {name!r}: use one of {list(SPLITS)}")
+            raise UserError(f"unknown split {name!r}: use one of {list(SPLITS)}")
         return self.splits[key]
 
     @property

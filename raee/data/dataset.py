@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from raee.errors import UserError
+
 TASK_TYPES = ("classification", "regression")
 
 
@@ -23,12 +25,12 @@ class TextDataset(Dataset):
                  text_pairs: Sequence[str] | None = None, label_names: Sequence[str] | None = None,
                  task_type: str = "classification", name: str = "") -> None:
         if task_type not in TASK_TYPES:
-            raise ValueError(f"task_type={task_type!r} is not supported: use one of {list(TASK_TYPES)}")
+            raise UserError(f"task_type={task_type!r} is not supported: use one of {list(TASK_TYPES)}")
         if len(texts) != len(labels):
-            raise ValueError(f"TextDataset got {len(texts)} texts but {len(labels)} labels: give one label per text")
+            raise UserError(f"TextDataset got {len(texts)} texts but {len(labels)} labels: give one label per text")
         if text_pairs is not None and len(text_pairs) != len(texts):
-            raise ValueError(f"TextDataset got {len(texts)} texts but {len(text_pairs)} text pairs: "
-                             "give one pair per text (or text_pairs=None)")
+            raise UserError(f"TextDataset got {len(texts)} texts but {len(text_pairs)} text pairs: "
+                            "give one pair per text (or text_pairs=None)")
         dtype = torch.long if task_type == "classification" else torch.float32
         self.texts: list[str] = [str(t) for t in texts]
         self.text_pairs: list[str] | None = None if text_pairs is None else [str(t) for t in text_pairs]
@@ -42,8 +44,8 @@ class TextDataset(Dataset):
         if task_type == "classification" and len(self.labels) and self.label_names:
             low, high = int(self.labels.min()), int(self.labels.max())
             if low < 0 or high >= len(self.label_names):
-                raise ValueError(f"dataset {name!r} has label ids in [{low}, {high}] but only {len(self.label_names)} "
-                                 f"label names {self.label_names}: labels must be ids 0..{len(self.label_names) - 1}")
+                raise UserError(f"dataset {name!r} has label ids in [{low}, {high}] but only {len(self.label_names)} "
+                                f"label names {self.label_names}: labels must be ids 0..{len(self.label_names) - 1}")
 
     @property
     def is_pair(self) -> bool:

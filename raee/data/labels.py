@@ -8,12 +8,14 @@ import numpy as np
 import pandas as pd
 from pandas.api import types as ptypes
 
+from raee.errors import UserError
+
 
 def _check_missing(labels: pd.Series, split: str, origin: str) -> None:
     missing = int(labels.isna().sum())
     if missing:
-        raise ValueError(f"the label column of split {split!r} ({origin}) has {missing} missing values: "
-                         "drop those rows or fill in their labels")
+        raise UserError(f"the label column of split {split!r} ({origin}) has {missing} missing values: "
+                        "drop those rows or fill in their labels")
 
 
 def _integer_ids(labels: pd.Series) -> np.ndarray | None:
@@ -26,8 +28,8 @@ def _integer_ids(labels: pd.Series) -> np.ndarray | None:
         values = labels.to_numpy(dtype=np.float64)
         if np.all(np.isfinite(values)) and np.all(values == np.round(values)):
             return values.astype(np.int64)
-        raise ValueError("the label column holds non-integer numbers: set task_type: regression for numeric "
-                         "targets, or give class ids / class names for classification")
+        raise UserError("the label column holds non-integer numbers: set task_type: regression for numeric "
+                        "targets, or give class ids / class names for classification")
     return None
 
 
@@ -49,11 +51,11 @@ def encode_labels(frames: Mapping[str, pd.DataFrame], task_type: str = "classifi
             try:
                 out[split] = pd.to_numeric(frame["label"]).to_numpy(dtype=np.float32)
             except (TypeError, ValueError):
-                raise ValueError(f"task_type is regression but the labels of split {split!r} ({origin}) are not "
-                                 "all numbers: use numeric targets, or task_type: classification") from None
+                raise UserError(f"task_type is regression but the labels of split {split!r} ({origin}) are not "
+                                "all numbers: use numeric targets, or task_type: classification") from None
         return out, []
     if task_type != "classification":
-        raise ValueError(f"task_type={task_type!r} is not supported: use classification or regression")
+        raise UserError(f"task_type={task_type!r} is not supported: use classification or regression")
 
     ids = {split: _integer_ids(frame["label"]) for split, frame in frames.items()}
     if all(v is not None for v in ids.values()):
@@ -66,8 +68,8 @@ def encode_labels(frames: Mapping[str, pd.DataFrame], task_type: str = "classifi
             if bad:
                 hint = (" (negative labels usually mark an unlabelled split, e.g. GLUE test sets: take the test "
                         "split from validation with hf_splits, or drop those rows)") if min(bad) < 0 else ""
-                raise ValueError(f"split {split!r} ({origin}) has label ids {bad[:10]} outside 0..{len(names) - 1} "
-                                 f"for the {len(names)} classes {names}{hint}: fix the labels or data.label_names")
+                raise UserError(f"split {split!r} ({origin}) has label ids {bad[:10]} outside 0..{len(names) - 1} "
+                                f"for the {len(names)} classes {names}{hint}: fix the labels or data.label_names")
         return ids, names
 
     # string labels (or a mix of strings and numbers): map names to ids
@@ -80,13 +82,13 @@ def encode_labels(frames: Mapping[str, pd.DataFrame], task_type: str = "classifi
         pool = as_str["train"] if "train" in as_str else np.concatenate(list(as_str.values()))
         names = sorted(set(pool.tolist()))
     if len(set(names)) != len(names):
-        raise ValueError(f"label_names {names} has duplicates: give each class once")
+        raise UserError(f"label_names {names} has duplicates: give each class once")
     index = {n: i for i, n in enumerate(names)}
     out = {}
     for split, values in as_str.items():
         unknown = sorted(set(values.tolist()) - index.keys())
         if unknown:
-            raise ValueError(f"split {split!r} ({origin}) has labels {unknown[:10]} that are not among the class "
-                             f"names {names}: add them to data.label_names (or fix the data)")
+            raise UserError(f"split {split!r} ({origin}) has labels {unknown[:10]} that are not among the class "
+                            f"names {names}: add them to data.label_names (or fix the data)")
         out[split] = np.array([index[v] for v in values], dtype=np.int64)
     return out, names

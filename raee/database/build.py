@@ -29,6 +29,7 @@ from raee.backbones.base import LayerwiseBackbone
 from raee.database import store
 from raee.database.exit_db import (FORMAT_VERSION, INDEX_DIR, META_FILE, ExitDatabase, describe_retriever,
                                    retriever_class, setup_description)
+from raee.errors import UserError
 from raee.exits.simple import within_tolerance
 from raee.features import encode_batch
 from raee.keys import KeyEncoder
@@ -42,7 +43,7 @@ def resolve_keep_keys(keep_keys: bool | str, count: int, dim: int) -> bool:
     """db.keep_keys (true / false / auto) for ``count`` keys of dimension ``dim`` -> keep them or not."""
     text = str(keep_keys).strip().lower()
     if text not in ("true", "false", "auto"):
-        raise ValueError(f"db.keep_keys={keep_keys!r} must be true, false or auto")
+        raise UserError(f"db.keep_keys={keep_keys!r} must be true, false or auto")
     if text == "auto":
         return count * dim * 4 <= KEEP_KEYS_AUTO_BYTES
     return text == "true"
@@ -51,9 +52,9 @@ def resolve_keep_keys(keep_keys: bool | str, count: int, dim: int) -> bool:
 def select_fraction(n: int, fraction: float, seed: int) -> np.ndarray:
     """Seeded sorted subset of range(n) of size round(fraction * n) (at least 1)."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"db.fraction={fraction} must be in (0, 1]")
+        raise UserError(f"db.fraction={fraction} must be in (0, 1]")
     if n == 0:
-        raise ValueError("the training split is empty: the exit database needs training examples")
+        raise UserError("the training split is empty: the exit database needs training examples")
     count = max(1, int(round(fraction * n)))
     return np.sort(np.random.default_rng(seed).permutation(n)[:count])
 
@@ -98,8 +99,8 @@ def regression_tolerance(head: Any, tolerance: float | None) -> float | None:
     if not getattr(head, "regression", False):
         return None
     if tolerance is None or not tolerance >= 0:
-        raise ValueError(f"a regression exit database needs a tolerance >= 0 (got {tolerance}): a layer counts as "
-                         "correct when |prediction - target| <= tolerance; set regression_tolerance")
+        raise UserError(f"a regression exit database needs a tolerance >= 0 (got {tolerance}): a layer counts as "
+                        "correct when |prediction - target| <= tolerance; set regression_tolerance")
     return float(tolerance)
 
 
@@ -150,7 +151,7 @@ def build_database(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncod
             writer = store.ShardWriter(directory / store.SHARDS_DIR, rows_per_shard, source=source)
         writer.add(**rows)
     if writer is None:
-        raise ValueError("no training example was selected for the exit database (empty training split?)")
+        raise UserError("no training example was selected for the exit database (empty training split?)")
     shards = writer.close()
     count = len(chosen)
     meta = setup_description(backbone, head, key_encoder, tolerance) | {
@@ -209,8 +210,8 @@ def append_database(directory: str | Path, backbone: LayerwiseBackbone, head: An
         records = old.meta["shards"]
         seen = [r["source"].get("sha256") for r in records]
         if source.get("sha256") and source["sha256"] in seen:
-            raise ValueError(f"{source.get('file', 'these examples')} (sha256 {source['sha256'][:12]}...) were already "
-                             f"appended to exit database {directory}; nothing to do")
+            raise UserError(f"{source.get('file', 'these examples')} (sha256 {source['sha256'][:12]}...) were already "
+                            f"appended to exit database {directory}; nothing to do")
         for record in records:
             for file in [*record["files"], "source.json"]:
                 if (directory / store.SHARDS_DIR / record["name"] / file).exists():
@@ -223,7 +224,7 @@ def append_database(directory: str | Path, backbone: LayerwiseBackbone, head: An
             writer.add(**exit_rows(backbone, head, key_encoder, batch, tolerance))
         shards = writer.close()
         if not shards:
-            raise ValueError(f"nothing to append to exit database {directory}: {source} has no examples")
+            raise UserError(f"nothing to append to exit database {directory}: {source} has no examples")
         retriever = retriever_class(old.meta["retriever"]["class"]).load(directory / INDEX_DIR, writable=True)
         meta = {k: v for k, v in old.meta.items() if k != "path"}
         meta["modified"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -235,8 +236,8 @@ def append_database(directory: str | Path, backbone: LayerwiseBackbone, head: An
 def _empty_directory(directory: str | Path) -> Path:
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
-        raise ValueError(f"cannot build an exit database into {directory}: it is not empty (give a new directory; "
-                         "python -m raee.build_db replaces an existing database atomically)")
+        raise UserError(f"cannot build an exit database into {directory}: it is not empty (give a new directory; "
+                        "python -m raee.build_db replaces an existing database atomically)")
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 

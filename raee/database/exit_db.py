@@ -12,6 +12,7 @@ from raee.aggregation.base import ExitInfo
 from raee.backbones.base import LayerwiseBackbone
 from raee.database import store
 from raee.database.tables import ShardedTable
+from raee.errors import MissingFileError, UserError
 from raee.keys import KeyEncoder
 
 #: the on-disk layout this code writes and reads (1: one exit_info.safetensors, before sharding; 2: float16
@@ -57,13 +58,13 @@ class ExitDatabase:
         """Refuse a database built for another backbone, head, layer count, key encoder or regression tolerance."""
         built, asked = self.meta.get("tolerance"), expected.get("tolerance")
         if "tolerance" in expected and built != asked and built is not None and asked is not None:
-            raise ValueError(
+            raise UserError(
                 f"exit database {self.meta.get('path', '')} marks a regression prediction correct within tolerance "
                 f"{built}, this run asks for {asked}: rebuild it with regression_tolerance={asked} (python -m "
                 f"raee.build_db regression_tolerance={asked}) or run with regression_tolerance={built}")
         for field in COMPATIBILITY_FIELDS:
             if field in expected and self.meta.get(field) != expected[field]:
-                raise ValueError(
+                raise UserError(
                     f"exit database {self.meta.get('path', '')} was built for a different {field}: "
                     f"database has {self.meta.get(field)!r}, this run has {expected[field]!r}. "
                     "Rebuild it for this setup (python -m raee.build_db with the same overrides) or point "
@@ -88,7 +89,7 @@ class ExitDatabase:
     def key_files(self) -> list[Path]:
         """Each shard's keys.npy, in order; a clear error when the database does not keep its keys."""
         if self.keys is None:
-            raise ValueError(
+            raise UserError(
                 f"exit database {self.meta.get('path', '')} was built without its raw keys (db.keep_keys=false, or "
                 "auto with keys over the size limit), so its index cannot be rebuilt for another retriever. "
                 f"Use the retriever it was built with ({self.meta['retriever']}), or rebuild it with "
@@ -101,7 +102,7 @@ class ExitDatabase:
         from raee.database.build import fill_index
 
         if retriever.ntotal:
-            raise ValueError("with_retriever() needs an empty retriever; this one already holds keys")
+            raise UserError("with_retriever() needs an empty retriever; this one already holds keys")
         fill_index(retriever, self.key_files(), [r["count"] for r in self.meta["shards"]],
                    seed=int(self.meta.get("seed", 0)), progress=progress)
         meta = dict(self.meta, retriever=describe_retriever(retriever))
@@ -112,16 +113,16 @@ def read_meta(directory: Path) -> dict[str, Any]:
     """meta.json of a finished database, with errors that say what to do."""
     path = directory / META_FILE
     if not path.exists():
-        raise FileNotFoundError(f"exit database {directory} has no {META_FILE}: {BUILD_HINT}")
+        raise MissingFileError(f"exit database {directory} has no {META_FILE}: {BUILD_HINT}")
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"exit database {directory}: {META_FILE} is not valid JSON ({err}); rebuild it with "
-                         "`python -m raee.build_db`") from err
+        raise UserError(f"exit database {directory}: {META_FILE} is not valid JSON ({err}); rebuild it with "
+                        "`python -m raee.build_db`") from err
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"exit database {directory} has format {meta.get('format', 1)}, this raee reads format "
-                         f"{FORMAT_VERSION} (sharded tables): rebuild it with "
-                         f"`python -m raee.build_db db.dir={directory}`")
+        raise UserError(f"exit database {directory} has format {meta.get('format', 1)}, this raee reads format "
+                        f"{FORMAT_VERSION} (sharded tables): rebuild it with "
+                        f"`python -m raee.build_db db.dir={directory}`")
     return meta
 
 
@@ -134,7 +135,7 @@ def describe_retriever(retriever: Any) -> dict[str, Any]:
 def retriever_class(path: str) -> Any:
     module, _, name = path.partition(":")
     if not module.startswith("raee."):
-        raise ValueError(f"database names retriever class {path!r}, which is not part of raee; refusing to import it")
+        raise UserError(f"database names retriever class {path!r}, which is not part of raee; refusing to import it")
     return getattr(importlib.import_module(module), name)
 
 

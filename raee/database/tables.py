@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from raee.errors import UserError
+
 #: how stored values are turned into the logical dtype
 DECODINGS = ("float", "complement", "int", "bits")
 
@@ -39,11 +41,11 @@ class ShardedTable:
 
     def __init__(self, parts: Sequence[np.ndarray], decode: str, columns: int | None = None) -> None:
         if decode not in DECODINGS:
-            raise ValueError(f"decode={decode!r} is not one of {DECODINGS}")
+            raise UserError(f"decode={decode!r} is not one of {DECODINGS}")
         if not parts:
-            raise ValueError("a table needs at least one shard")
+            raise UserError("a table needs at least one shard")
         if decode == "bits" and columns is None:
-            raise ValueError("a bit-packed table needs its number of columns")
+            raise UserError("a bit-packed table needs its number of columns")
         self.parts = list(parts)
         self.decode = decode
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
@@ -53,7 +55,7 @@ class ShardedTable:
         self.dtype = _decoded_dtype(decode, self.stored_dtype)
         for p in self.parts:
             if tuple(p.shape[1:]) != row_shape:
-                raise ValueError(f"table shards have different row shapes: {tuple(p.shape[1:])} vs {row_shape}")
+                raise UserError(f"table shards have different row shapes: {tuple(p.shape[1:])} vs {row_shape}")
 
     # ------------------------------------------------------------------ tensor-like properties
     @property

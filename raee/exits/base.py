@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from raee.backbones.base import LayerState, LayerwiseBackbone
+from raee.errors import UserError
 
 
 @dataclass
@@ -57,8 +58,8 @@ class ExitStrategy(ABC):
     def check_task(self, regression: bool) -> None:
         """Refuse a regression task when this strategy cannot exit on real-valued outputs."""
         if regression and not self.supports_regression:
-            raise ValueError(f"exit={self.name} decides on class predictions and cannot handle a regression task: "
-                             "use full, fixed, oracle, patience, raee or hashee")
+            raise UserError(f"exit={self.name} decides on class predictions and cannot handle a regression task: "
+                            "use full, fixed, oracle, patience, raee or hashee")
 
     def prepare(self, backbone: LayerwiseBackbone, head: Any) -> None:
         """One-time setup with the bound backbone and head (load a database, check compatibility)."""
@@ -112,5 +113,5 @@ class DynamicExit(ExitStrategy):
 
 def check_layer(value: int, num_layers: int, what: str) -> None:
     if not 0 <= int(value) <= num_layers:
-        raise ValueError(f"{what}={value} is outside 0..{num_layers} (layer 0 is the embedding output, "
-                         f"{num_layers} the last layer of this backbone)")
+        raise UserError(f"{what}={value} is outside 0..{num_layers} (layer 0 is the embedding output, "
+                        f"{num_layers} the last layer of this backbone)")

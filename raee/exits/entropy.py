@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from raee.calibration.target import Calibrated
+from raee.errors import UserError
 from raee.exits.base import BatchContext, DynamicExit
 
 
@@ -25,8 +26,8 @@ class EntropyExit(Calibrated, DynamicExit):
 
     def __init__(self, threshold: float = 0.3, min_layer: int = 1, **calibration: Any) -> None:
         if threshold < 0:
-            raise ValueError(f"exit.threshold={threshold} is below 0: entropy is never negative, use a value >= 0 "
-                             "(0 never exits early; larger exits earlier)")
+            raise UserError(f"exit.threshold={threshold} is below 0: entropy is never negative, use a value >= 0 "
+                            "(0 never exits early; larger exits earlier)")
         self.threshold = float(threshold)
         self.min_layer = int(min_layer)
         self.init_calibration(**calibration)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from raee.backbones.base import LayerState, LayerwiseBackbone
+from raee.errors import UserError
 from raee.exits.base import BatchContext
 from raee.exits.raee_exit import RaeeExit, add_time
 
@@ -34,9 +35,9 @@ class KnnExit(RaeeExit):
                  temperature: float = 0.1, database: str | None = None, fraction: float = 1.0, seed: int = 42,
                  rebuild: bool = False, keep_keys: bool | str = "auto") -> None:
         if vote not in VOTES:
-            raise ValueError(f"exit.vote={vote!r} is unknown: use one of {list(VOTES)}")
+            raise UserError(f"exit.vote={vote!r} is unknown: use one of {list(VOTES)}")
         if not float(temperature) > 0:
-            raise ValueError(f"exit.temperature={temperature} must be > 0 (smaller = trust the nearest more)")
+            raise UserError(f"exit.temperature={temperature} must be > 0 (smaller = trust the nearest more)")
         super().__init__(key_encoder, retriever, aggregator=None, k=k, database=database, fraction=fraction,
                          seed=seed, rebuild=rebuild, keep_keys=keep_keys)
         self.vote = vote
@@ -55,8 +56,8 @@ class KnnExit(RaeeExit):
         self.num_classes = head.num_classes
         counts = self.db.info.label_counts()
         if len(counts) > self.num_classes:
-            raise ValueError(f"the exit database holds label {len(counts) - 1}, but the task has "
-                             f"{self.num_classes} classes: rebuild the database for this dataset")
+            raise UserError(f"the exit database holds label {len(counts) - 1}, but the task has "
+                            f"{self.num_classes} classes: rebuild the database for this dataset")
         self.prior = torch.zeros(self.num_classes)
         self.prior[: len(counts)] = counts.float()
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from raee.calibration.target import Calibrated
+from raee.errors import UserError
 from raee.exits.base import BatchContext, DynamicExit
 
 
@@ -30,11 +31,11 @@ class PatienceExit(Calibrated, DynamicExit):
         self.patience = int(patience)
         self.min_layer = int(min_layer)
         if self.patience < 1:
-            raise ValueError(f"exit.patience={patience} must be at least 1 (PABEE's t: exit once t+1 consecutive "
-                             "layers agree)")
+            raise UserError(f"exit.patience={patience} must be at least 1 (PABEE's t: exit once t+1 consecutive "
+                            "layers agree)")
         if not regression_threshold > 0:
-            raise ValueError(f"exit.regression_threshold={regression_threshold} must be > 0 (two layers' regression "
-                             "outputs agree when they differ by less than it)")
+            raise UserError(f"exit.regression_threshold={regression_threshold} must be > 0 (two layers' regression "
+                            "outputs agree when they differ by less than it)")
         self.regression_threshold = float(regression_threshold)
         self._regression = False
         self.init_calibration(**calibration)
@@ -44,8 +45,8 @@ class PatienceExit(Calibrated, DynamicExit):
     def validate(self, num_layers: int) -> None:
         super().validate(num_layers)
         if self.patience > num_layers:
-            raise ValueError(f"exit.patience={self.patience} is above the number of layers ({num_layers}): no example "
-                             f"could ever exit early; use 1..{num_layers}")
+            raise UserError(f"exit.patience={self.patience} is above the number of layers ({num_layers}): no example "
+                            f"could ever exit early; use 1..{num_layers}")
 
     def knobs(self) -> dict[str, Any]:
         knobs = {"patience": self.patience, "min_layer": self.min_layer}

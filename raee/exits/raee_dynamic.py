@@ -19,6 +19,7 @@ import torch
 
 from raee.aggregation.base import LayerRule, gather_neighbours
 from raee.backbones.base import LayerState, LayerwiseBackbone
+from raee.errors import UserError
 from raee.exits.base import BatchContext, DynamicExit
 from raee.exits.raee_exit import RetrievalExit, add_time
 
@@ -30,9 +31,9 @@ class RaeeDynamicExit(RetrievalExit, DynamicExit):
                  database: str | None = None, fraction: float = 1.0, seed: int = 42, rebuild: bool = False,
                  keep_keys: bool | str = "auto", **calibration: Any) -> None:
         if not isinstance(aggregator, LayerRule):
-            raise ValueError(f"exit=raee_dynamic needs a per-layer rule (aggregator=neighbour_vote or vote_posterior), "
-                             f"got {type(aggregator).__name__}, which plans from the neighbours alone: use it with "
-                             "exit=raee")
+            raise UserError(f"exit=raee_dynamic needs a per-layer rule (aggregator=neighbour_vote or vote_posterior), "
+                            f"got {type(aggregator).__name__}, which plans from the neighbours alone: use it with "
+                            "exit=raee")
         super().__init__(key_encoder, retriever, aggregator, k=k, database=database, fraction=fraction, seed=seed,
                          rebuild=rebuild, keep_keys=keep_keys, **calibration)
         # no decision before the neighbours are known
@@ -43,9 +44,9 @@ class RaeeDynamicExit(RetrievalExit, DynamicExit):
     def validate(self, num_layers: int) -> None:
         super().validate(num_layers)
         if self.min_layer < self.plan_layer:
-            raise ValueError(f"exit.min_layer={self.min_layer} is below key_encoder.layer={self.plan_layer}: the "
-                             "rule needs the neighbours, which are retrieved at the key layer; use exit.min_layer="
-                             f"{self.plan_layer} or null")
+            raise UserError(f"exit.min_layer={self.min_layer} is below key_encoder.layer={self.plan_layer}: the "
+                            "rule needs the neighbours, which are retrieved at the key layer; use exit.min_layer="
+                            f"{self.plan_layer} or null")
 
     def knobs(self) -> dict[str, Any]:
         return {**super().knobs(), "min_layer": self.min_layer}

@@ -21,6 +21,7 @@ import torch
 
 from raee.backbones.base import LayerState, LayerwiseBackbone
 from raee.calibration.target import Calibrated
+from raee.errors import MissingFileError, UserError
 from raee.exits.base import BatchContext, ExitStrategy, PlannedExit
 
 
@@ -35,7 +36,7 @@ class RetrievalExit(Calibrated, ExitStrategy):
                  fraction: float = 1.0, seed: int = 42, rebuild: bool = False, keep_keys: bool | str = "auto",
                  tolerance: float = 0.5, **calibration: Any) -> None:
         if k < 1:
-            raise ValueError(f"exit.k={k} must be at least 1 (number of neighbours retrieved)")
+            raise UserError(f"exit.k={k} must be at least 1 (number of neighbours retrieved)")
         self.init_calibration(**calibration)
         self.key_encoder = key_encoder
         self.retriever = retriever
@@ -96,8 +97,8 @@ class RetrievalExit(Calibrated, ExitStrategy):
         directory = Path(self.database_dir) if self.database_dir else self.default_database_dir(
             backbone, head, datamodule, cache_dir)
         if self.database_dir and not self.rebuild and not (directory / "meta.json").exists():
-            raise FileNotFoundError(f"exit.database={directory} does not exist: build it with `python -m raee.build_db "
-                                    f"db.dir={directory}` or leave exit.database=null to build one automatically")
+            raise MissingFileError(f"exit.database={directory} does not exist: build it with `python -m raee.build_db "
+                                   f"db.dir={directory}` or leave exit.database=null to build one automatically")
         expected = database.setup_description(backbone, head, self.key_encoder, self.tolerance)
 
         def load(path: Path) -> Any:
@@ -183,8 +184,8 @@ class RaeeExit(RetrievalExit, PlannedExit):
 
         super().validate(num_layers)
         if isinstance(self.aggregator, LayerRule):  # checked here, not in __init__: build_db takes any aggregator
-            raise ValueError(f"aggregator {type(self.aggregator).__name__} is a per-layer rule (it reads the head's "
-                             "output at every layer): use it with exit=raee_dynamic")
+            raise UserError(f"aggregator {type(self.aggregator).__name__} is a per-layer rule (it reads the head's "
+                            "output at every layer): use it with exit=raee_dynamic")
 
     def decide(self, distances: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Neighbours (Q, k) -> (exit layers (Q,), distribution over layers (Q, L+1)) by the aggregation rule."""

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from raee.backbones.base import LayerState
+from raee.errors import UserError
 from raee.exits.base import BatchContext, DynamicExit, PlannedExit, check_layer
 
 
@@ -51,8 +52,8 @@ class OracleExit(DynamicExit):
 
     def __init__(self, tolerance: float = 0.5) -> None:
         if not tolerance >= 0:
-            raise ValueError(f"exit.tolerance={tolerance} must be >= 0 (the largest |prediction - target| that "
-                             "counts as correct on a regression task)")
+            raise UserError(f"exit.tolerance={tolerance} must be >= 0 (the largest |prediction - target| that "
+                            "counts as correct on a regression task)")
         self.tolerance = float(tolerance)
         self._regression = False
 
@@ -65,7 +66,7 @@ class OracleExit(DynamicExit):
 
     def should_exit(self, layer: int, logits: torch.Tensor, active: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         if ctx.labels is None:
-            raise ValueError("the oracle exit needs labels; the data split has none")
+            raise UserError("the oracle exit needs labels; the data split has none")
         labels = ctx.labels.to(logits.device)[active]
         if self._regression:
             return within_tolerance(logits[:, 0], labels, self.tolerance)

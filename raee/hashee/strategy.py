@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from raee.backbones.base import LayerState, LayerwiseBackbone
 from raee.cache import load_or_build
+from raee.errors import MissingFileError, UserError
 from raee.exits.base import BatchContext, PlannedExit
 from raee.exits.simple import FullModel
 from raee.hashee import hashing
@@ -39,14 +40,14 @@ def _parse_last_layer(value: int | float | None) -> int | float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"exit.last_layer={value!r} must be a layer number (e.g. 4), a fraction of the backbone's "
-                         "L in (0, 1) (e.g. 0.67 = 4 of 6 layers) or null (= L)")
+        raise UserError(f"exit.last_layer={value!r} must be a layer number (e.g. 4), a fraction of the backbone's "
+                        "L in (0, 1) (e.g. 0.67 = 4 of 6 layers) or null (= L)")
     if isinstance(value, float) and 0.0 < value < 1.0:
         return value
     if float(value).is_integer() and value >= 1:
         return int(value)
-    raise ValueError(f"exit.last_layer={value!r} is neither a layer number >= 1 nor a fraction of L in (0, 1): give "
-                     "e.g. 4 (a layer) or 0.67 (4 of 6 layers, 8 of 12), or null (= L)")
+    raise UserError(f"exit.last_layer={value!r} is neither a layer number >= 1 nor a fraction of L in (0, 1): give "
+                    "e.g. 4 (a layer) or 0.67 (4 of 6 layers, 8 of 12), or null (= L)")
 
 
 class HashEEExit(PlannedExit):
@@ -61,15 +62,15 @@ class HashEEExit(PlannedExit):
                  limit_train_batches: int | float | None = None, max_steps: int = -1,
                  kmeans_iterations: int = 10, checkpoint: str | None = None) -> None:
         if hash not in STRATEGY_HASHES:
-            raise ValueError(f"exit.hash={hash!r} is not a HashEE hash: choose one of {list(STRATEGY_HASHES)}")
+            raise UserError(f"exit.hash={hash!r} is not a HashEE hash: choose one of {list(STRATEGY_HASHES)}")
         if lr <= 0 or (head_lr is not None and head_lr <= 0):
-            raise ValueError(f"exit.lr={lr} and exit.head_lr={head_lr} must be positive learning rates")
+            raise UserError(f"exit.lr={lr} and exit.head_lr={head_lr} must be positive learning rates")
         if max_epochs < 0:
-            raise ValueError(f"exit.max_epochs={max_epochs} must be >= 0 (0 = hash only, no fine-tuning)")
+            raise UserError(f"exit.max_epochs={max_epochs} must be >= 0 (0 = hash only, no fine-tuning)")
         if not 0.0 <= warmup < 1.0:
-            raise ValueError(f"exit.warmup={warmup} is the warm-up share of the training steps: give 0 <= warmup < 1")
+            raise UserError(f"exit.warmup={warmup} is the warm-up share of the training steps: give 0 <= warmup < 1")
         if int(first_layer) < 1:
-            raise ValueError(f"exit.first_layer={first_layer} must be >= 1: a token is updated by at least layer 1")
+            raise UserError(f"exit.first_layer={first_layer} must be >= 1: a token is updated by at least layer 1")
         self.hash = hash
         self.num_layers = None if num_layers is None else int(num_layers)
         self.first_layer = int(first_layer)
@@ -77,8 +78,8 @@ class HashEEExit(PlannedExit):
         # the layer itself: set now for a layer number, by validate() (which knows L) for a fraction of L
         self.last_layer = self.last_layer_setting if isinstance(self.last_layer_setting, int) else None
         if self.last_layer is not None and self.last_layer < self.first_layer:
-            raise ValueError(f"exit.last_layer={last_layer} is below exit.first_layer={first_layer}: tokens exit in "
-                             "first_layer..last_layer; give last_layer >= first_layer (null = the backbone's L)")
+            raise UserError(f"exit.last_layer={last_layer} is below exit.first_layer={first_layer}: tokens exit in "
+                            "first_layer..last_layer; give last_layer >= first_layer (null = the backbone's L)")
         self.seed = int(seed)
         self.max_epochs, self.lr, self.head_lr = int(max_epochs), float(lr), head_lr
         self.weight_decay, self.warmup, self.gradient_clip_val = float(weight_decay), float(warmup), gradient_clip_val
@@ -129,15 +130,15 @@ class HashEEExit(PlannedExit):
 
     def validate(self, num_layers: int) -> None:
         if self.num_layers is not None and self.num_layers != num_layers:
-            raise ValueError(
+            raise UserError(
                 f"exit.num_layers={self.num_layers} but the backbone has {num_layers} layers: HashEE hashes tokens "
                 f"into the backbone's layers, so set exit.num_layers={num_layers} or null (use the backbone's)")
         if self.first_layer > num_layers:
-            raise ValueError(f"exit.first_layer={self.first_layer} is above the backbone's {num_layers} layers: use "
-                             f"1..{num_layers} ({num_layers} = no token exits)")
+            raise UserError(f"exit.first_layer={self.first_layer} is above the backbone's {num_layers} layers: use "
+                            f"1..{num_layers} ({num_layers} = no token exits)")
         if isinstance(self.last_layer_setting, int) and self.last_layer_setting > num_layers:
-            raise ValueError(f"exit.last_layer={self.last_layer_setting} is above the backbone's {num_layers} layers: "
-                             f"use {self.first_layer}..{num_layers}, a fraction of L in (0, 1), or null (= {num_layers})")
+            raise UserError(f"exit.last_layer={self.last_layer_setting} is above the backbone's {num_layers} layers: "
+                            f"use {self.first_layer}..{num_layers}, a fraction of L in (0, 1), or null (= {num_layers})")
         if isinstance(self.last_layer_setting, float):
             self.last_layer = self._last(num_layers)
 
@@ -154,19 +155,19 @@ class HashEEExit(PlannedExit):
     @staticmethod
     def _check_backbone(backbone: LayerwiseBackbone) -> None:
         if backbone.is_decoder:
-            raise ValueError(f"HashEE needs a bidirectional encoder backbone (BERT/RoBERTa/DistilBERT family); "
-                             f"'{backbone.name}' is a causal decoder: choose an encoder backbone")
+            raise UserError(f"HashEE needs a bidirectional encoder backbone (BERT/RoBERTa/DistilBERT family); "
+                            f"'{backbone.name}' is a causal decoder: choose an encoder backbone")
         layer_parts(backbone.layer_modules()[0])  # raises for unsupported layer types
 
     @staticmethod
     def _check_head(head: Any, num_layers: int) -> None:
         classifiers = getattr(head, "classifiers", None)
         if classifiers is None:
-            raise ValueError(f"HashEE needs head=linear (it fine-tunes the layer-{num_layers} linear classifier "
-                             f"together with the backbone); {type(head).__name__} has no classifiers")
+            raise UserError(f"HashEE needs head=linear (it fine-tunes the layer-{num_layers} linear classifier "
+                            f"together with the backbone); {type(head).__name__} has no classifiers")
         if len(classifiers) != num_layers + 1:
-            raise ValueError(f"the linear head has {len(classifiers)} classifiers but the backbone has "
-                             f"{num_layers} layers (L+1 = {num_layers + 1} expected): bind the head to this backbone")
+            raise UserError(f"the linear head has {len(classifiers)} classifiers but the backbone has "
+                            f"{num_layers} layers (L+1 = {num_layers + 1} expected): bind the head to this backbone")
 
     # ------------------------------------------------------------------ the hash
     def build_token_map(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any,
@@ -225,7 +226,7 @@ class HashEEExit(PlannedExit):
         """Set the (V,) token -> exit layer map directly (notebooks, tests)."""
         token_to_layer = torch.as_tensor(token_to_layer).long().cpu()
         if token_to_layer.dim() != 1 or token_to_layer.numel() == 0 or int(token_to_layer.min()) < 1:
-            raise ValueError("token_to_layer must be a non-empty (vocab_size,) tensor of exit layers >= 1")
+            raise UserError("token_to_layer must be a non-empty (vocab_size,) tensor of exit layers >= 1")
         self.token_to_layer = token_to_layer
         self._device_map = self._exits_for = None
         self.ready = True
@@ -276,8 +277,8 @@ class HashEEExit(PlannedExit):
         self._check_head(head, L)
         self._layers = L
         if getattr(datamodule, "is_regression", False) and self.hash == "mi":
-            raise ValueError("the mutual-information hash needs class labels, not regression targets: use "
-                             "exit.hash=frequency, random, random_occurrence or cluster for regression data")
+            raise UserError("the mutual-information hash needs class labels, not regression targets: use "
+                            "exit.hash=frequency, random, random_occurrence or cluster for regression data")
         directory = Path(self.checkpoint) if self.checkpoint else self.default_checkpoint_dir(
             backbone, head, datamodule, cache_dir)
         self.checkpoint_dir = directory
@@ -334,8 +335,8 @@ class HashEEExit(PlannedExit):
         directory = Path(directory)
         meta_path = directory / "meta.json"
         if not meta_path.exists():
-            raise FileNotFoundError(f"no HashEE checkpoint at {directory} (meta.json missing): run fit() to train "
-                                    "one, or point exit.checkpoint at a directory a finished run wrote")
+            raise MissingFileError(f"no HashEE checkpoint at {directory} (meta.json missing): run fit() to train "
+                                   "one, or point exit.checkpoint at a directory a finished run wrote")
         meta = json.loads(meta_path.read_text())
         L = backbone.num_layers
         vocab_size = int(backbone.model.get_input_embeddings().weight.shape[0])
@@ -349,8 +350,8 @@ class HashEEExit(PlannedExit):
         if meta["settings"]["hash"] != self.hash:
             problems.append(f"hash={meta['settings']['hash']} (asked for {self.hash})")
         if problems:
-            raise ValueError(f"HashEE checkpoint {directory} was made for " + ", ".join(problems)
-                             + ": point exit.checkpoint elsewhere (or delete it) to train a matching one")
+            raise UserError(f"HashEE checkpoint {directory} was made for " + ", ".join(problems)
+                            + ": point exit.checkpoint elsewhere (or delete it) to train a matching one")
         device = backbone.device
         weights = load_file(str(directory / "backbone.safetensors"), device=str(device))
         classifiers = load_file(str(directory / "classifiers.safetensors"), device=str(device))
@@ -378,8 +379,8 @@ class HashEEExit(PlannedExit):
         self._layers = backbone.num_layers
         vocab_size = int(backbone.model.get_input_embeddings().weight.shape[0])
         if self.token_to_layer is not None and self.token_to_layer.numel() != vocab_size:
-            raise ValueError(f"the token map covers {self.token_to_layer.numel()} ids but the backbone's vocabulary "
-                             f"has {vocab_size}: rebuild it with fit() on this backbone")
+            raise UserError(f"the token map covers {self.token_to_layer.numel()} ids but the backbone's vocabulary "
+                            f"has {vocab_size}: rebuild it with fit() on this backbone")
         self.reset_flops()  # a test run begins: count its batches only
 
     def plan(self, state: LayerState, ctx: BatchContext) -> torch.Tensor:
@@ -450,5 +451,5 @@ def _check_state(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tens
     missing, extra = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
     shapes = [k for k in set(expected) & set(loaded) if tuple(expected[k].shape) != tuple(loaded[k].shape)]
     if missing or extra or shapes:
-        raise ValueError(f"{path} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}, "
-                         f"other shapes {sorted(shapes)[:3]}): delete it to train again")
+        raise UserError(f"{path} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}, "
+                        f"other shapes {sorted(shapes)[:3]}): delete it to train again")

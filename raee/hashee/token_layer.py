@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from raee.backbones.base import LayerState, LayerwiseBackbone
+from raee.errors import UserError
 
 
 @dataclass
@@ -58,7 +59,7 @@ def layer_parts(module: nn.Module) -> LayerParts:
     if attention is not None and hasattr(attention, "self") and hasattr(module, "intermediate"):
         sa, so = attention.self, attention.output
         if getattr(module, "is_decoder", False) or getattr(sa, "is_causal", False):
-            raise ValueError("token-level exits need a bidirectional encoder layer; this BERT layer is causal")
+            raise UserError("token-level exits need a bidirectional encoder layer; this BERT layer is causal")
         return LayerParts(query=sa.query, key=sa.key, value=sa.value, num_heads=sa.num_attention_heads,
                           scaling=float(sa.scaling), attn_dropout=float(sa.dropout.p), attn_out=so.dense,
                           attn_out_dropout=so.dropout, attn_norm=so.LayerNorm, ffn_in=module.intermediate.dense,
@@ -71,7 +72,7 @@ def layer_parts(module: nn.Module) -> LayerParts:
                           attn_out_dropout=nn.Identity(), attn_norm=module.sa_layer_norm, ffn_in=module.ffn.lin1,
                           act=module.ffn.activation, ffn_out=module.ffn.lin2, ffn_dropout=module.ffn.dropout,
                           ffn_norm=module.output_layer_norm)
-    raise ValueError(
+    raise UserError(
         f"token-level exits (HashEE) support BERT-family encoder layers (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM) "
         f"and DistilBERT, not {type(module).__name__}: use one of those backbones")
 

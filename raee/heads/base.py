@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from raee.backbones.base import LayerState, LayerwiseBackbone
+from raee.errors import UserError
 
 
 class Head(nn.Module, ABC):
@@ -32,10 +33,10 @@ class Head(nn.Module, ABC):
     def use_task(self, task_type: str) -> None:
         """Set the task before :meth:`bind`: "classification" or "regression" (one real output)."""
         if task_type not in ("classification", "regression"):
-            raise ValueError(f"task_type={task_type!r} is not supported: use classification or regression")
+            raise UserError(f"task_type={task_type!r} is not supported: use classification or regression")
         if task_type == "regression" and not self.supports_regression:
-            raise ValueError(f"{type(self).__name__} predicts classes and cannot do regression: use head=linear "
-                             "(a regression output per layer) for a regression dataset")
+            raise UserError(f"{type(self).__name__} predicts classes and cannot do regression: use head=linear "
+                            "(a regression output per layer) for a regression dataset")
         self.regression = task_type == "regression"
 
     @property
@@ -45,7 +46,7 @@ class Head(nn.Module, ABC):
     def bind(self, backbone: LayerwiseBackbone, label_names: list[str]) -> None:
         """Attach to a backbone and a label set; subclasses check compatibility here."""
         if not label_names:
-            raise ValueError("the head needs at least one class; the dataset has no label names")
+            raise UserError("the head needs at least one class; the dataset has no label names")
         self.label_names = list(label_names)
         self.num_layers = backbone.num_layers
 

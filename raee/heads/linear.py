@@ -17,6 +17,7 @@ from torch import nn
 
 from raee.atomic import atomic_path, atomic_write_text
 from raee.backbones.base import LayerState, LayerwiseBackbone
+from raee.errors import MissingFileError, UserError
 from raee.heads.base import Head
 from raee.heads.pooling import pool
 
@@ -41,9 +42,9 @@ class LinearHead(Head):
                  seed: int = 42, checkpoint: str | None = None) -> None:
         super().__init__()
         if loss_weighting not in (None, "sum", "pabee"):
-            raise ValueError(f"head.loss_weighting must be sum (DeeBERT) or pabee (weighted average), not {loss_weighting}")
+            raise UserError(f"head.loss_weighting must be sum (DeeBERT) or pabee (weighted average), not {loss_weighting}")
         if not 0.0 <= warmup < 1.0:
-            raise ValueError(f"head.warmup={warmup} is the warm-up share of the training steps: give 0 <= warmup < 1")
+            raise UserError(f"head.warmup={warmup} is the warm-up share of the training steps: give 0 <= warmup < 1")
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
         self.lr, self.max_epochs, self.backbone_lr = float(lr), int(max_epochs), float(backbone_lr)
@@ -102,12 +103,12 @@ class LinearHead(Head):
         directory = Path(directory)
         meta_path = directory / "head.json"
         if not meta_path.exists():
-            raise FileNotFoundError(f"no linear head checkpoint at {directory} (head.json missing): "
-                                    "train one first (it is saved where head.checkpoint points)")
+            raise MissingFileError(f"no linear head checkpoint at {directory} (head.json missing): "
+                                   "train one first (it is saved where head.checkpoint points)")
         meta = json.loads(meta_path.read_text())
         if meta["label_names"] != self.label_names or meta["num_layers"] != len(self.classifiers) - 1:
-            raise ValueError(f"checkpoint {directory} was trained for classes {meta['label_names']} and "
-                             f"{meta['num_layers']} layers, not {self.label_names} and {len(self.classifiers) - 1}")
+            raise UserError(f"checkpoint {directory} was trained for classes {meta['label_names']} and "
+                            f"{meta['num_layers']} layers, not {self.label_names} and {len(self.classifiers) - 1}")
         classifiers = load_file(str(directory / "classifiers.safetensors"))
         backbone_file = directory / "backbone.safetensors"
         weights = load_file(str(backbone_file)) if backbone_file.exists() and backbone is not None else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from raee.errors import UserError
+
 POOLINGS = ("mean", "cls", "last")
 
 
@@ -21,4 +23,4 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
     if how == "last":
         last = attention_mask.sum(1).long().clamp(min=1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    raise ValueError(f"unknown pooling '{how}': choose one of {POOLINGS}")
+    raise UserError(f"unknown pooling '{how}': choose one of {POOLINGS}")

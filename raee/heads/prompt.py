@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from raee.atomic import atomic_path, atomic_write_text
 from raee.backbones.base import LayerState, LayerwiseBackbone
+from raee.errors import UserError
 from raee.heads.base import Head
 from raee.heads.verbalizer import check_template, label_token_ids
 
@@ -57,9 +58,9 @@ class PromptHead(Head):
                  content_free_inputs: Sequence[str] = CONTENT_FREE_INPUTS) -> None:
         super().__init__()
         if calibration not in CALIBRATIONS:
-            raise ValueError(f"head.calibration={calibration!r} is unknown: use null or content_free")
+            raise UserError(f"head.calibration={calibration!r} is unknown: use null or content_free")
         if calibration and not list(content_free_inputs):
-            raise ValueError("head.calibration=content_free needs at least one head.content_free_inputs, e.g. ['N/A']")
+            raise UserError("head.calibration=content_free needs at least one head.content_free_inputs, e.g. ['N/A']")
         if template is not None:  # fail early on what holds for any backbone; bind() checks the rest
             check_template(template, decoder="{mask}" not in template)
         self.template = template
@@ -90,7 +91,7 @@ class PromptHead(Head):
         self.prompt_template = check_template(template, decoder=decoder)
         if not decoder:
             if backbone.tokenizer.mask_token is None:
-                raise ValueError(f"tokenizer of '{backbone.name}' has no mask token; use a masked-LM backbone")
+                raise UserError(f"tokenizer of '{backbone.name}' has no mask token; use a masked-LM backbone")
             self._mask_token = backbone.tokenizer.mask_token
             self._mask_token_id = backbone.tokenizer.mask_token_id
         self._lm_logits = backbone.lm_logits
@@ -110,7 +111,7 @@ class PromptHead(Head):
             model = "decoder (causal LM)" if kind == "causal" else "encoder (masked LM)"
             where = ("the data config has no `prompt:` section" if not self.dataset_prompts
                      else f"the data config's `prompt:` section has no complete `{kind}` entry")
-            raise ValueError(
+            raise UserError(
                 f"head=prompt has no {' and no '.join(missing)} for this {model}: {where}. Give them on the command "
                 "line, e.g. head.template='{text} It was {mask}.' head.label_words='{negative: terrible, positive: "
                 f"great}}', or add `prompt: {{{kind}: {{template: ..., label_words: ...}}}}` to the data config")
@@ -120,13 +121,13 @@ class PromptHead(Head):
         if isinstance(words, Mapping):
             missing = [n for n in label_names if n not in words]
             if missing:
-                raise ValueError(f"head.label_words has no word for classes {missing}; it has {list(words)} "
-                                 f"(the dataset's classes are {label_names})")
+                raise UserError(f"head.label_words has no word for classes {missing}; it has {list(words)} "
+                                f"(the dataset's classes are {label_names})")
             return [str(words[n]) for n in label_names]
         words = [str(w) for w in words]
         if len(words) != len(label_names):
-            raise ValueError(f"head.label_words has {len(words)} words but the dataset has {len(label_names)} classes "
-                             f"{label_names}: give one word per class")
+            raise UserError(f"head.label_words has {len(words)} words but the dataset has {len(label_names)} classes "
+                            f"{label_names}: give one word per class")
         return words
 
     def _budget(self, backbone: LayerwiseBackbone) -> int:
@@ -136,9 +137,9 @@ class PromptHead(Head):
         overhead = len(tok(filled, add_special_tokens=True)["input_ids"])
         budget = backbone.max_length - overhead - SEAM_TOKENS
         if budget < MIN_TEXT_TOKENS:
-            raise ValueError(f"the prompt template takes {overhead} of backbone.max_length={backbone.max_length} "
-                             f"tokens, leaving {max(budget, 0)} for the text: raise backbone.max_length or shorten "
-                             "head.template")
+            raise UserError(f"the prompt template takes {overhead} of backbone.max_length={backbone.max_length} "
+                            f"tokens, leaving {max(budget, 0)} for the text: raise backbone.max_length or shorten "
+                            "head.template")
         return budget
 
     # ------------------------------------------------------------------ inputs
@@ -146,8 +147,8 @@ class PromptHead(Head):
                backbone: LayerwiseBackbone) -> tuple[list[str], list[str] | None]:
         # Cut the text (never the template) so that truncation keeps the answer position (mask or last token).
         if text_pairs is not None and "{text_pair}" not in self.prompt_template:
-            raise ValueError(f"the data has sentence pairs but the prompt template {self.prompt_template!r} has no "
-                             "{text_pair}: the second sentence would be dropped; add {text_pair} to head.template")
+            raise UserError(f"the data has sentence pairs but the prompt template {self.prompt_template!r} has no "
+                            "{text_pair}: the second sentence would be dropped; add {text_pair} to head.template")
         tok = backbone.tokenizer
         budget = self._text_budget // 2 if text_pairs is not None else self._text_budget
 
@@ -169,7 +170,7 @@ class PromptHead(Head):
             return state.attention_mask.sum(1).long() - 1 - self._trailing_specials
         is_mask = state.input_ids == self._mask_token_id
         if not bool(is_mask.any(1).all()):
-            raise ValueError("an input lost its mask token (truncated?); raise backbone.max_length")
+            raise UserError("an input lost its mask token (truncated?); raise backbone.max_length")
         return is_mask.float().argmax(1)
 
     # ------------------------------------------------------------------ scoring
@@ -219,12 +220,12 @@ class PromptHead(Head):
         directory = Path(directory)
         meta = json.loads((directory / "head.json").read_text())
         if meta.get("label_names") != self.label_names or meta.get("label_words") != self.prompt_words:
-            raise ValueError(f"the calibration saved in {directory} is for classes {meta.get('label_names')} with label "
-                             f"words {meta.get('label_words')}, not {self.label_names} / {self.prompt_words}: refit it")
+            raise UserError(f"the calibration saved in {directory} is for classes {meta.get('label_names')} with label "
+                            f"words {meta.get('label_words')}, not {self.label_names} / {self.prompt_words}: refit it")
         table = load_file(str(directory / "calibration.safetensors"))["content_free_probs"]
         if tuple(table.shape) != (self.num_layers + 1, self.num_classes):
-            raise ValueError(f"the calibration saved in {directory} has shape {tuple(table.shape)}, expected "
-                             f"({self.num_layers + 1}, {self.num_classes}) for this backbone and task: refit it")
+            raise UserError(f"the calibration saved in {directory} has shape {tuple(table.shape)}, expected "
+                            f"({self.num_layers + 1}, {self.num_classes}) for this backbone and task: refit it")
         self.content_free_probs = table.to(self.label_ids.device)
 
     def describe(self) -> dict[str, Any]:

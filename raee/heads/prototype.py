@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from raee.atomic import atomic_write_text, atomic_path
 from raee.backbones.base import LayerState, LayerwiseBackbone
+from raee.errors import UserError
 from raee.features import iterate_all_layers
 from raee.heads.base import Head
 from raee.heads.pooling import pool
@@ -55,7 +56,7 @@ class PrototypeHead(Head):
                 sums[state.layer] += onehot.T @ pooled
         if (counts == 0).any():
             empty = [self.label_names[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
-            raise ValueError(f"no training examples for classes {empty}: prototypes need at least one per class")
+            raise UserError(f"no training examples for classes {empty}: prototypes need at least one per class")
         class_means = sums / counts.view(1, C, 1)  # (L+1, C, H)
         centers = (sums.sum(1) / counts.sum()) if self.center else torch.zeros(L + 1, H, dtype=torch.float64)
         protos = (class_means - centers.unsqueeze(1)).float()
@@ -81,13 +82,13 @@ class PrototypeHead(Head):
         directory = Path(directory)
         meta = json.loads((directory / "head.json").read_text())
         if meta["label_names"] != self.label_names:
-            raise ValueError(f"saved prototypes in {directory} are for classes {meta['label_names']}, "
-                             f"not {self.label_names}: refit them")
+            raise UserError(f"saved prototypes in {directory} are for classes {meta['label_names']}, "
+                            f"not {self.label_names}: refit them")
         tensors = load_file(str(directory / "prototypes.safetensors"))
         protos = tensors["prototypes"]
         if protos.shape[0] != self.num_layers + 1:
-            raise ValueError(f"saved prototypes in {directory} have {protos.shape[0] - 1} layers, "
-                             f"the backbone has {self.num_layers}: refit them")
+            raise UserError(f"saved prototypes in {directory} have {protos.shape[0] - 1} layers, "
+                            f"the backbone has {self.num_layers}: refit them")
         self.prototypes = protos.to(self.prototypes.device)
         self.centers = tensors["centers"].to(self.prototypes.device)
 

@@ -15,6 +15,8 @@ import string
 import warnings
 from typing import Any
 
+from raee.errors import UserError
+
 #: placeholders a template may use
 TEMPLATE_FIELDS = ("text", "text_pair", "mask")
 
@@ -25,11 +27,11 @@ def label_token_ids(tokenizer: Any, words: list[str], model: str = "the backbone
     for word in words:
         word = str(word).strip()
         if not word:
-            raise ValueError("a label word is empty: give one non-empty word per class in head.label_words")
+            raise UserError("a label word is empty: give one non-empty word per class in head.label_words")
         tokens = _first_meaningful_split(tokenizer, word)
         if tokens is None:
             split = tokenizer.convert_ids_to_tokens(tokenizer(" " + word, add_special_tokens=False)["input_ids"])
-            raise ValueError(
+            raise UserError(
                 f"label word {word!r} splits ambiguously in the tokenizer of {model}: {split} starts with a bare "
                 "space/marker token, with or without a leading space, so no token stands for the word. Choose "
                 "another label word (head.label_words)")
@@ -56,7 +58,7 @@ def _refuse_shared_first_tokens(words: list[str], ids: list[int], pieces: list[l
     for i, token in enumerate(ids):
         if token in seen:
             j = seen[token]
-            raise ValueError(
+            raise UserError(
                 f"label words {str(words[j]).strip()!r} ({pieces[j]}) and {str(words[i]).strip()!r} ({pieces[i]}) "
                 f"share their first token {pieces[i][0]!r} in the tokenizer of {model}: the prompt head scores one "
                 "token per class, so these classes could not be told apart. Choose label words whose first tokens "
@@ -75,27 +77,27 @@ def check_template(template: str, decoder: bool) -> str:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as err:
-        raise ValueError(f"prompt template {template!r} is malformed ({err}): write literal braces as {{{{ and }}}}"
-                         ) from None
+        raise UserError(f"prompt template {template!r} is malformed ({err}): write literal braces as {{{{ and }}}}"
+                        ) from None
     unknown = sorted(set(fields) - set(TEMPLATE_FIELDS))
     if unknown:
-        raise ValueError(f"prompt template {template!r} has unknown placeholder(s) {unknown}: use {{text}}, "
-                         "{text_pair} and {mask} (write literal braces as {{ and }})")
+        raise UserError(f"prompt template {template!r} has unknown placeholder(s) {unknown}: use {{text}}, "
+                        "{text_pair} and {mask} (write literal braces as {{ and }})")
     if "text" not in fields:
-        raise ValueError(f"prompt template {template!r} has no {{text}} placeholder: the input text would never "
-                         "reach the model; add {text} where the example goes, e.g. '{text} It was {mask}.'")
+        raise UserError(f"prompt template {template!r} has no {{text}} placeholder: the input text would never "
+                        "reach the model; add {text} where the example goes, e.g. '{text} It was {mask}.'")
     masks = fields.count("mask")
     if masks > 1:
-        raise ValueError(f"prompt template {template!r} has {masks} {{mask}} placeholders: give exactly one answer slot")
+        raise UserError(f"prompt template {template!r} has {masks} {{mask}} placeholders: give exactly one answer slot")
     if not decoder:
         if not masks:
-            raise ValueError(f"prompt template {template!r} has no {{mask}}: an encoder (masked LM) reads its answer "
-                             "at the mask token; add {mask} where the label word goes, e.g. '{text} It was {mask}.'")
+            raise UserError(f"prompt template {template!r} has no {{mask}}: an encoder (masked LM) reads its answer "
+                            "at the mask token; add {mask} where the label word goes, e.g. '{text} It was {mask}.'")
         return template
     body = template.rstrip()
     if masks:
         if not body.endswith("{mask}"):
-            raise ValueError(
+            raise UserError(
                 f"prompt template {template!r} puts {{mask}} before the end: a decoder reads its answer as the next "
                 "token after the prompt, so the answer slot must be the end. Move {mask} to the end or leave it out, "
                 "e.g. 'Review: {text}\\nSentiment:'")

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from raee.errors import MissingFileError, UserError
+
 SUMMARY_FILE = "summary.json"
 ERROR_FILE = "error.json"
 #: Hydra writes this into a sweep's top directory
@@ -108,8 +110,8 @@ def find_runs(root: str | Path) -> tuple[list[Path], list[Path]]:
     """(run directories with a summary.json, run directories with only an error.json), sorted."""
     root = Path(root)
     if not root.exists():
-        raise FileNotFoundError(f"no such directory: {root}. Give the sweep directory Hydra printed, "
-                                f"e.g. multirun/compare_all/<date>/<time> (or a parent of several sweeps)")
+        raise MissingFileError(f"no such directory: {root}. Give the sweep directory Hydra printed, "
+                               f"e.g. multirun/compare_all/<date>/<time> (or a parent of several sweeps)")
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is a file: give the sweep directory that holds the run directories")
     ok = sorted({p.parent for p in root.rglob(SUMMARY_FILE)})
@@ -121,9 +123,9 @@ def _read_summary(path: Path) -> dict[str, Any]:
     try:
         summary = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"unreadable {path}: {err}") from err
+        raise UserError(f"unreadable {path}: {err}") from err
     if not isinstance(summary, dict) or "method" not in summary:
-        raise ValueError(f"{path} is not a run summary (no 'method' key)")
+        raise UserError(f"{path} is not a run summary (no 'method' key)")
     return summary
 
 
@@ -232,7 +234,7 @@ def collect(root: str | Path) -> pd.DataFrame:
     if not rows:
         failed = collect_failed(root, bad)
         extra = f" ({len(failed)} failed run(s) left error.json: see collect_failed)" if len(failed) else ""
-        raise FileNotFoundError(f"no {SUMMARY_FILE} below {root}{extra}: {HOW_TO_RUN}")
+        raise MissingFileError(f"no {SUMMARY_FILE} below {root}{extra}: {HOW_TO_RUN}")
     for run_dir, error in bad:
         warnings.warn(f"skipped {run_dir}: {error}", stacklevel=2)
     df = pd.DataFrame(rows)

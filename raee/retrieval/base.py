@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from raee.atomic import atomic_write_text
+from raee.errors import MissingFileError, UserError
 
 METRICS = ("ip", "l2")
 META_FILE = "retriever.json"
@@ -31,7 +32,7 @@ class Retriever(ABC):
 
     def __init__(self, metric: str = "ip") -> None:
         if metric not in METRICS:
-            raise ValueError(f"retriever.metric='{metric}' is unknown: choose one of {METRICS}")
+            raise UserError(f"retriever.metric='{metric}' is unknown: choose one of {METRICS}")
         self.metric = metric
 
     @property
@@ -82,13 +83,13 @@ class Retriever(ABC):
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, D) queries -> scores float32 (Q, k), ids int64 (Q, k); k is clamped to the stored count."""
         if self.ntotal == 0:
-            raise ValueError("the retriever is empty: add() keys (build the exit database) before searching")
+            raise UserError("the retriever is empty: add() keys (build the exit database) before searching")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2:
-            raise ValueError(f"queries must be a (Q, D) matrix, got shape {queries.shape}")
+            raise UserError(f"queries must be a (Q, D) matrix, got shape {queries.shape}")
         if queries.shape[1] != self.dim:
-            raise ValueError(f"queries have dimension {queries.shape[1]} but the index holds {self.dim}-dimensional "
-                             "keys: the key encoder differs from the one that built the database; " + REBUILD_HINT)
+            raise UserError(f"queries have dimension {queries.shape[1]} but the index holds {self.dim}-dimensional "
+                            "keys: the key encoder differs from the one that built the database; " + REBUILD_HINT)
         k = clamp_k(k, self.ntotal)
         scores, ids = self._search(queries, k)
         return np.asarray(scores, dtype=np.float32), np.asarray(ids, dtype=np.int64)
@@ -98,7 +99,7 @@ def clamp_k(k: int, ntotal: int) -> int:
     """k limited to the number of stored keys, with a warning naming both numbers."""
     k = int(k)
     if k < 1:
-        raise ValueError(f"k={k} must be at least 1")
+        raise UserError(f"k={k} must be at least 1")
     if k > ntotal:
         warnings.warn(f"k={k} is larger than the database ({ntotal} keys); using k={ntotal}", stacklevel=3)
         return ntotal
@@ -113,7 +114,7 @@ def to_distances(scores: torch.Tensor | np.ndarray, metric: str) -> torch.Tensor
     Non-finite scores stay non-finite, so the aggregators treat those neighbours as invalid.
     """
     if metric not in METRICS:
-        raise ValueError(f"metric='{metric}' is unknown: choose one of {METRICS}")
+        raise UserError(f"metric='{metric}' is unknown: choose one of {METRICS}")
     scores = as_array(scores, np.float32)  # numpy: two calls per query at batch 1, not four torch ones
     return torch.from_numpy(np.maximum(np.float32(1.0) - scores if metric == "ip" else scores, np.float32(0.0)))
 
@@ -130,11 +131,11 @@ def check_keys(keys: np.ndarray, dim: int | None = None) -> np.ndarray:
     """(N, D) keys as a contiguous float32 array; refuses empty, non-2-D, non-finite or wrong-width keys."""
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     if keys.ndim != 2 or keys.shape[0] == 0 or keys.shape[1] == 0:
-        raise ValueError(f"keys must be a non-empty (N, D) matrix, got shape {keys.shape}")
+        raise UserError(f"keys must be a non-empty (N, D) matrix, got shape {keys.shape}")
     if dim is not None and keys.shape[1] != dim:
-        raise ValueError(f"keys have dimension {keys.shape[1]} but the index holds {dim}-dimensional keys")
+        raise UserError(f"keys have dimension {keys.shape[1]} but the index holds {dim}-dimensional keys")
     if not np.isfinite(keys).all():
-        raise ValueError("keys contain NaN or infinite values: check the key encoder's output")
+        raise UserError("keys contain NaN or infinite values: check the key encoder's output")
     return keys
 
 
@@ -149,7 +150,7 @@ def open_index(directory: str | Path, filename: str) -> tuple[Path, dict[str, An
     directory = Path(directory)
     path = directory / filename
     if not path.exists():
-        raise FileNotFoundError(f"index file {path} is missing: {REBUILD_HINT}")
+        raise MissingFileError(f"index file {path} is missing: {REBUILD_HINT}")
     return path, read_meta(directory)
 
 
@@ -157,11 +158,11 @@ def read_meta(directory: Path) -> dict[str, Any]:
     """The JSON metadata a retriever wrote beside its index, with clear errors when missing or damaged."""
     path = directory / META_FILE
     if not path.exists():
-        raise FileNotFoundError(f"index metadata {path} is missing: {REBUILD_HINT}")
+        raise MissingFileError(f"index metadata {path} is missing: {REBUILD_HINT}")
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"index metadata {path} is not valid JSON ({err}): {REBUILD_HINT}") from err
+        raise UserError(f"index metadata {path} is not valid JSON ({err}): {REBUILD_HINT}") from err
     if not isinstance(meta, dict):
-        raise ValueError(f"index metadata {path} is not a JSON object: {REBUILD_HINT}")
+        raise UserError(f"index metadata {path} is not a JSON object: {REBUILD_HINT}")
     return meta

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from raee.atomic import atomic_path
+from raee.errors import MissingFileError, UserError
 from raee.retrieval.base import META_FILE, REBUILD_HINT, Retriever, check_keys, open_index, write_meta
 
 INDEX_FILE = "index.faiss"
@@ -120,26 +121,26 @@ def resolve_factory(factory: str, n: int, dim: int) -> str:
     """
     spec = str(factory).strip().replace(" ", "")
     if not spec:
-        raise ValueError("retriever.factory is empty: use e.g. Flat, HNSW32, IVFauto,Flat or HNSW32_PQ64")
+        raise UserError("retriever.factory is empty: use e.g. Flat, HNSW32, IVFauto,Flat or HNSW32_PQ64")
     spec = re.sub(r"(^|,)(HNSW\d*)_(?=[A-Za-z])", r"\1\2,", spec)
     spec = spec.replace("IVFauto", f"IVF{auto_nlist(n)}")
     for nlist in re.findall(r"(?<![A-Za-z])IVF(\d+)", spec):
         if int(nlist) > n:
-            raise ValueError(f"retriever.factory '{factory}': IVF{nlist} needs at least {nlist} keys to train, the "
-                             f"database has {n}; use IVFauto (nlist {auto_nlist(n)} here) or at most IVF{n // 39 or 1}")
+            raise UserError(f"retriever.factory '{factory}': IVF{nlist} needs at least {nlist} keys to train, the "
+                            f"database has {n}; use IVFauto (nlist {auto_nlist(n)} here) or at most IVF{n // 39 or 1}")
     eff_dim = _effective_dim(spec, dim)
     for m_str, nbits_str in re.findall(r"(?<![A-Za-z])PQ(\d+)(?:x(\d+))?", spec):
         m, nbits = int(m_str), int(nbits_str or 8)
         if m == 0 or eff_dim % m:
             valid = [d for d in range(1, eff_dim + 1) if eff_dim % d == 0]
             below = [d for d in valid if d <= max(m, 1)]
-            raise ValueError(f"retriever.factory '{factory}': PQ{m} splits the {eff_dim}-dimensional keys into {m} "
-                             f"parts, so the dimension must be a multiple of {m}; use e.g. PQ{below[-1]} "
-                             f"(valid m for dimension {eff_dim}: {valid})")
+            raise UserError(f"retriever.factory '{factory}': PQ{m} splits the {eff_dim}-dimensional keys into {m} "
+                            f"parts, so the dimension must be a multiple of {m}; use e.g. PQ{below[-1]} "
+                            f"(valid m for dimension {eff_dim}: {valid})")
         if n < 2 ** nbits:
-            raise ValueError(f"retriever.factory '{factory}': PQ{m} with {nbits}-bit codes needs at least "
-                             f"{2 ** nbits} keys to train its codebooks, the database has {n}; use more training "
-                             f"examples, fewer bits (PQ{m}x{max(1, int(math.log2(n)))}) or factory=Flat / HNSW32")
+            raise UserError(f"retriever.factory '{factory}': PQ{m} with {nbits}-bit codes needs at least "
+                            f"{2 ** nbits} keys to train its codebooks, the database has {n}; use more training "
+                            f"examples, fewer bits (PQ{m}x{max(1, int(math.log2(n)))}) or factory=Flat / HNSW32")
     # no polysemous training (see above); fast-scan ("fs") and explicit "np" forms are left alone
     return re.sub(r"(?<![A-Za-z])(PQ\d+(?:x\d+)?)(?![\dxnf])", r"\1np", spec)
 
@@ -158,7 +159,7 @@ def _normalise_use_gpu(use_gpu: Any) -> str | bool:
     text = str(use_gpu).strip().lower()
     if text in ("auto", "true", "false"):
         return {"auto": "auto", "true": True, "false": False}[text]
-    raise ValueError(f"retriever.use_gpu={use_gpu!r} is not one of auto, true, false")
+    raise UserError(f"retriever.use_gpu={use_gpu!r} is not one of auto, true, false")
 
 
 def _parse_params(params: str | None) -> list[tuple[str, float]]:
@@ -171,8 +172,8 @@ def _parse_params(params: str | None) -> list[tuple[str, float]]:
         except ValueError:
             sep = ""
         if not sep or not name.strip():
-            raise ValueError(f"retriever.params={params!r}: expected comma-separated name=number settings, "
-                             "e.g. k_factor_rf=4")
+            raise UserError(f"retriever.params={params!r}: expected comma-separated name=number settings, "
+                            "e.g. k_factor_rf=4")
     return out
 
 
@@ -190,9 +191,9 @@ class FaissRetriever(Retriever):
         for name, value in (("nprobe", nprobe), ("ef_search", ef_search), ("train_size", train_size),
                             ("k_factor", k_factor)):
             if value is not None and int(value) < 1:
-                raise ValueError(f"retriever.{name}={value} must be at least 1 (or null for the default)")
+                raise UserError(f"retriever.{name}={value} must be at least 1 (or null for the default)")
         if storage not in STORAGES:
-            raise ValueError(f"retriever.storage={storage!r} is not one of {STORAGES}")
+            raise UserError(f"retriever.storage={storage!r} is not one of {STORAGES}")
         _parse_params(params)  # fail early on a malformed string
         self.factory = str(factory)
         self.nprobe = None if nprobe is None else int(nprobe)
@@ -233,16 +234,16 @@ class FaissRetriever(Retriever):
         try:
             index = faiss.index_factory(dim, self.resolved, self._faiss_metric(faiss))
         except RuntimeError as err:
-            raise ValueError(f"retriever.factory '{self.factory}' (FAISS: '{self.resolved}') is not a valid "
-                             f"FAISS index_factory string ({_faiss_message(err)})") from err
+            raise UserError(f"retriever.factory '{self.factory}' (FAISS: '{self.resolved}') is not a valid "
+                            f"FAISS index_factory string ({_faiss_message(err)})") from err
         if int(index.metric_type) != self._faiss_metric(faiss):
-            raise ValueError(f"FAISS builds '{self.resolved}' with the L2 metric only (it ignores "
-                             f"retriever.metric={self.metric}): set retriever.metric=l2 (on L2-normalised keys it "
-                             "ranks neighbours like inner product)")
+            raise UserError(f"FAISS builds '{self.resolved}' with the L2 metric only (it ignores "
+                            f"retriever.metric={self.metric}): set retriever.metric=l2 (on L2-normalised keys it "
+                            "ranks neighbours like inner product)")
         if self.storage == "ondisk" and faiss.try_extract_index_ivf(index) is None:
-            raise ValueError(f"retriever.storage=ondisk keeps FAISS inverted lists on disk, but factory "
-                             f"'{self.factory}' has none: use an IVF factory (e.g. IVFauto,PQ48 or IVF4096,Flat) or "
-                             "storage=memory / mmap")
+            raise UserError(f"retriever.storage=ondisk keeps FAISS inverted lists on disk, but factory "
+                            f"'{self.factory}' has none: use an IVF factory (e.g. IVFauto,PQ48 or IVF4096,Flat) or "
+                            "storage=memory / mmap")
         return index
 
     def train_size(self, total: int, dim: int) -> int:
@@ -258,7 +259,7 @@ class FaissRetriever(Retriever):
     def train(self, sample: np.ndarray, total: int) -> None:
         """Create the index for ``total`` keys and train it on ``sample`` (S, D) (the streaming build)."""
         if self.index is not None:
-            raise ValueError("train() must come before the first add(): this index already holds keys")
+            raise UserError("train() must come before the first add(): this index already holds keys")
         faiss = import_faiss()
         sample = check_keys(sample)
         index = self._new_index(faiss, max(int(total), len(sample)), sample.shape[1])
@@ -271,9 +272,9 @@ class FaissRetriever(Retriever):
         try:
             index.train(sample)
         except RuntimeError as err:
-            raise ValueError(f"training FAISS index '{self.resolved}' on {sample.shape[0]} keys failed "
-                             f"({_faiss_message(err)}): use more training examples or a smaller index "
-                             "(Flat, HNSW32)") from err
+            raise UserError(f"training FAISS index '{self.resolved}' on {sample.shape[0]} keys failed "
+                            f"({_faiss_message(err)}): use more training examples or a smaller index "
+                            "(Flat, HNSW32)") from err
 
     def _install(self, faiss: Any, index: Any) -> None:
         """Make a trained, empty index the live one (on the GPU(s) when wanted; storage=ondisk stays
@@ -316,9 +317,9 @@ class FaissRetriever(Retriever):
                 gpu_index = faiss.index_cpu_to_gpu(resources[0], 0, index)
         except RuntimeError as err:
             if self.use_gpu is True:
-                raise ValueError(f"retriever.factory '{self.factory}' cannot run on the GPU ({_faiss_message(err)}): "
-                                 "use an IVF or Flat index, or set retriever.use_gpu=auto to keep this one on the "
-                                 "CPU") from err
+                raise UserError(f"retriever.factory '{self.factory}' cannot run on the GPU ({_faiss_message(err)}): "
+                                "use an IVF or Flat index, or set retriever.use_gpu=auto to keep this one on the "
+                                "CPU") from err
             warnings.warn(f"FAISS index '{self.resolved}' has no GPU version; searching on the CPU", stacklevel=3)
             return index
         self._gpu_res = resources
@@ -334,8 +335,8 @@ class FaissRetriever(Retriever):
             self._train(index, keys)
             self._install(faiss, index)
         if self._read_only:
-            raise ValueError(f"this FAISS index was loaded read-only (retriever.storage={self.storage}): keys cannot "
-                             "be added to it; load it with FaissRetriever.load(directory, writable=True)")
+            raise UserError(f"this FAISS index was loaded read-only (retriever.storage={self.storage}): keys cannot "
+                            "be added to it; load it with FaissRetriever.load(directory, writable=True)")
         if self.storage == "ondisk" and not self.on_gpu:
             self._add_on_disk(faiss, keys)
         else:
@@ -410,10 +411,10 @@ class FaissRetriever(Retriever):
             try:
                 space.set_index_parameter(self.index, name, float(value))
             except RuntimeError as err:
-                raise ValueError(f"retriever.{knob}: FAISS cannot set {name}={value:g} on index '{self.resolved}' "
-                                 f"({_faiss_message(err)}); nprobe is for IVF indexes, ef_search for "
-                                 f"HNSW ones, k_factor for Refine(...)/RFlat ones: set retriever.{knob}=null "
-                                 "for this factory") from err
+                raise UserError(f"retriever.{knob}: FAISS cannot set {name}={value:g} on index '{self.resolved}' "
+                                f"({_faiss_message(err)}); nprobe is for IVF indexes, ef_search for "
+                                f"HNSW ones, k_factor for Refine(...)/RFlat ones: set retriever.{knob}=null "
+                                "for this factory") from err
 
     # ------------------------------------------------------------------ search
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -429,7 +430,7 @@ class FaissRetriever(Retriever):
         """Write ``index.faiss`` (and, for storage=ondisk, the compacted lists ``index.ivfdata``) and
         ``retriever.json`` into ``directory``, file by file atomically."""
         if self.index is None:
-            raise ValueError("nothing to save: the retriever is empty (add() keys first)")
+            raise UserError("nothing to save: the retriever is empty (add() keys first)")
         faiss = import_faiss()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -458,7 +459,7 @@ class FaissRetriever(Retriever):
                       use_gpu=meta.get("use_gpu", "auto") if use_gpu is None else use_gpu,
                       storage=meta.get("storage", "memory"), train_size=meta.get("train_size"))
         except KeyError as err:
-            raise ValueError(f"index metadata {directory / META_FILE} lacks {err}: {REBUILD_HINT}") from err
+            raise UserError(f"index metadata {directory / META_FILE} lacks {err}: {REBUILD_HINT}") from err
         out.resolved = meta.get("resolved")
         flags = 0
         if out.storage == "mmap" and not writable:
@@ -469,17 +470,17 @@ class FaissRetriever(Retriever):
         try:
             index = faiss.read_index(str(path), flags)
         except RuntimeError as err:
-            raise ValueError(f"index file {path} is truncated or corrupt ({path.stat().st_size} bytes, FAISS: "
-                             f"{_faiss_message(err)}): {REBUILD_HINT}") from err
+            raise UserError(f"index file {path} is truncated or corrupt ({path.stat().st_size} bytes, FAISS: "
+                            f"{_faiss_message(err)}): {REBUILD_HINT}") from err
         if out.storage == "ondisk":
             _map_lists(faiss, index, directory / DATA_FILE)
         found = {"ntotal": int(index.ntotal), "dim": int(index.d)}
         for field, value in found.items():
             if field in meta and meta[field] != value:
-                raise ValueError(f"index file {path} holds {field}={value}, its metadata {directory / META_FILE} says "
-                                 f"{meta[field]}: {REBUILD_HINT}")
+                raise UserError(f"index file {path} holds {field}={value}, its metadata {directory / META_FILE} says "
+                                f"{meta[field]}: {REBUILD_HINT}")
         if int(index.metric_type) != out._faiss_metric(faiss):
-            raise ValueError(f"index file {path} uses another metric than its metadata ({out.metric}): {REBUILD_HINT}")
+            raise UserError(f"index file {path} uses another metric than its metadata ({out.metric}): {REBUILD_HINT}")
         out._read_only = out.storage == "mmap" and not writable
         out.index = index if writable and out.storage == "ondisk" else out._maybe_to_gpu(faiss, index)
         out._apply_search_params()
@@ -497,13 +498,13 @@ def _map_lists(faiss: Any, index: Any, data: Path) -> None:
     ivf = faiss.extract_index_ivf(index)
     lists = faiss.downcast_InvertedLists(ivf.invlists)
     if not isinstance(lists, faiss.OnDiskInvertedLists):
-        raise ValueError(f"{data.parent / INDEX_FILE} has in-memory inverted lists but its metadata says "
-                         f"storage=ondisk: {REBUILD_HINT}")
+        raise UserError(f"{data.parent / INDEX_FILE} has in-memory inverted lists but its metadata says "
+                        f"storage=ondisk: {REBUILD_HINT}")
     if not data.exists():
-        raise FileNotFoundError(f"index file {data} is missing: {REBUILD_HINT}")
+        raise MissingFileError(f"index file {data} is missing: {REBUILD_HINT}")
     if data.stat().st_size < int(lists.totsize):
-        raise ValueError(f"index file {data} is truncated or corrupt ({data.stat().st_size} bytes, the index expects "
-                         f"{int(lists.totsize)}): {REBUILD_HINT}")
+        raise UserError(f"index file {data} is truncated or corrupt ({data.stat().st_size} bytes, the index expects "
+                        f"{int(lists.totsize)}): {REBUILD_HINT}")
     lists.filename = str(data)
     lists.read_only = True  # never added to in place (see FaissRetriever._add_on_disk)
     lists.prefetch_nthread = ONDISK_PREFETCH_THREADS

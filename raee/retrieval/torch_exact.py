@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raee.atomic import atomic_path
+from raee.errors import UserError
 from raee.retrieval.base import REBUILD_HINT, Retriever, check_keys, open_index, write_meta
 
 KEYS_FILE = "keys.safetensors"
@@ -27,7 +28,7 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"retriever.device={device} but torch sees no GPU: use device=cpu or device=auto")
+        raise UserError(f"retriever.device={device} but torch sees no GPU: use device=cpu or device=auto")
     return dev
 
 
@@ -84,7 +85,7 @@ class TorchExactRetriever(Retriever):
 
     def save(self, directory: str | Path) -> None:
         if self.ntotal == 0:
-            raise ValueError("nothing to save: the retriever is empty (add() keys first)")
+            raise UserError("nothing to save: the retriever is empty (add() keys first)")
         directory = Path(directory)
         with atomic_path(directory / KEYS_FILE) as tmp:
             save_file({"keys": self.keys.detach().cpu().contiguous()}, str(tmp))
@@ -99,11 +100,11 @@ class TorchExactRetriever(Retriever):
         try:
             keys = load_file(str(path))["keys"]
         except Exception as err:  # safetensors raises its own error types on damaged files
-            raise ValueError(f"index file {path} is truncated or corrupt ({err}): {REBUILD_HINT}") from err
+            raise UserError(f"index file {path} is truncated or corrupt ({err}): {REBUILD_HINT}") from err
         if keys.ndim != 2 or int(keys.shape[0]) != meta.get("ntotal", keys.shape[0]) \
                 or int(keys.shape[1]) != meta.get("dim", keys.shape[1]):
-            raise ValueError(f"index file {path} holds keys of shape {tuple(keys.shape)}, its metadata says "
-                             f"({meta.get('ntotal')}, {meta.get('dim')}): {REBUILD_HINT}")
+            raise UserError(f"index file {path} holds keys of shape {tuple(keys.shape)}, its metadata says "
+                            f"({meta.get('ntotal')}, {meta.get('dim')}): {REBUILD_HINT}")
         if device is None:
             device = meta.get("device", "cpu")
             if str(device).startswith("cuda") and not torch.cuda.is_available():
