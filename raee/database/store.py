@@ -67,7 +67,7 @@ def compact_int(values: np.ndarray) -> np.ndarray:
         info = np.iinfo(dtype)
         if info.min <= lo and hi <= info.max:
             return values.astype(dtype)
-    raise UserError(f"integer values {lo}..{hi} do not fit 64 bits")
+    raise ValueError(f"integer values {lo}..{hi} do not fit 64 bits")
 
 
 def encode_rows(keys: np.ndarray, labels: np.ndarray, preds: np.ndarray, probs: np.ndarray, correct: np.ndarray,
@@ -90,7 +90,7 @@ class ShardWriter:
     def __init__(self, directory: str | Path, shard_rows: int, first_shard: int = 0,
                  source: dict[str, Any] | None = None, on_shard: Any = None) -> None:
         if shard_rows < 1:
-            raise UserError(f"shard_rows={shard_rows} must be at least 1")
+            raise ValueError(f"shard_rows={shard_rows} must be at least 1")
         self.directory = Path(directory)
         self.shard_rows = int(shard_rows)
         self.next_shard = int(first_shard)
@@ -107,7 +107,7 @@ class ShardWriter:
         n = len(rows[KEYS])
         for name, value in rows.items():
             if len(value) != n:
-                raise UserError(f"batch tables disagree: {name} has {len(value)} rows, keys have {n}")
+                raise ValueError(f"batch tables disagree: {name} has {len(value)} rows, keys have {n}")
         self._buffer.append(rows)
         self._buffered += n
         while self._buffered >= self.shard_rows:

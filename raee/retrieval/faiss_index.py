@@ -259,7 +259,7 @@ class FaissRetriever(Retriever):
     def train(self, sample: np.ndarray, total: int) -> None:
         """Create the index for ``total`` keys and train it on ``sample`` (S, D) (the streaming build)."""
         if self.index is not None:
-            raise UserError("train() must come before the first add(): this index already holds keys")
+            raise ValueError("train() must come before the first add(): this index already holds keys")
         faiss = import_faiss()
         sample = check_keys(sample)
         index = self._new_index(faiss, max(int(total), len(sample)), sample.shape[1])
@@ -335,8 +335,8 @@ class FaissRetriever(Retriever):
             self._train(index, keys)
             self._install(faiss, index)
         if self._read_only:
-            raise UserError(f"this FAISS index was loaded read-only (retriever.storage={self.storage}): keys cannot "
-                            "be added to it; load it with FaissRetriever.load(directory, writable=True)")
+            raise ValueError(f"this FAISS index was loaded read-only (retriever.storage={self.storage}): keys cannot "
+                             "be added to it; load it with FaissRetriever.load(directory, writable=True)")
         if self.storage == "ondisk" and not self.on_gpu:
             self._add_on_disk(faiss, keys)
         else:
@@ -430,7 +430,7 @@ class FaissRetriever(Retriever):
         """Write ``index.faiss`` (and, for storage=ondisk, the compacted lists ``index.ivfdata``) and
         ``retriever.json`` into ``directory``, file by file atomically."""
         if self.index is None:
-            raise UserError("nothing to save: the retriever is empty (add() keys first)")
+            raise ValueError("nothing to save: the retriever is empty (add() keys first)")
         faiss = import_faiss()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
