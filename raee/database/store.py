@@ -33,7 +33,7 @@ import numpy as np
 
 from raee.assets import sha256_file as file_sha256
 from raee.database.tables import ShardedTable
-from raee.errors import UserError
+from raee.errors import SystemLimitError, UserError
 
 SHARDS_DIR = "shards"
 KEYS = "keys"
@@ -180,7 +180,7 @@ def sample_keys(paths: list[Path], counts: list[int], size: int, seed: int) -> n
     return np.concatenate(out)
 
 
-class ShardMismatch(ValueError):
+class ShardMismatch(UserError):
     """A database's shard files disagree with its metadata."""
 
 
@@ -244,8 +244,9 @@ def ensure_open_files(maps: int) -> None:
     if need <= soft:
         return
     if hard != resource.RLIM_INFINITY and need > hard:
-        raise OSError(f"the exit database has {maps} shard files to memory-map, more than this process may open "
-                      f"(ulimit -n {hard}): raise the limit (ulimit -Hn) or rebuild with larger shards")
+        raise SystemLimitError(f"the exit database has {maps} shard files to memory-map, more than this process "
+                               f"may open (ulimit -n {hard}): raise the limit (ulimit -Hn) or rebuild with larger "
+                               "shards")
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 

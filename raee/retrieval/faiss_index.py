@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from raee.atomic import atomic_path
-from raee.errors import MissingFileError, UserError
+from raee.errors import MissingFileError, MissingPackageError, UserError
 from raee.retrieval.base import META_FILE, REBUILD_HINT, Retriever, check_keys, open_index, write_meta
 
 INDEX_FILE = "index.faiss"
@@ -78,8 +78,8 @@ def import_faiss() -> Any:
     try:
         import faiss
     except ImportError as err:
-        raise ImportError("FAISS is not installed: pip install -e '.[cpu]' (or '.[gpu]' for the GPU build), "
-                          "or use retriever=torch_exact") from err
+        raise MissingPackageError("FAISS is not installed: pip install -e '.[cpu]' (or '.[gpu]' for the GPU build), "
+                                  "or use retriever=torch_exact") from err
     return faiss
 
 
@@ -296,8 +296,8 @@ class FaissRetriever(Retriever):
     def _want_gpu(self, faiss: Any) -> bool:
         gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
         if self.use_gpu is True and gpus == 0:
-            raise RuntimeError("retriever.use_gpu=true but FAISS sees no GPU (or this is the CPU build): install "
-                               "the GPU build with pip install -e '.[gpu]', or set retriever.use_gpu=auto")
+            raise UserError("retriever.use_gpu=true but FAISS sees no GPU (or this is the CPU build): install "
+                            "the GPU build with pip install -e '.[gpu]', or set retriever.use_gpu=auto")
         return gpus > 0 and self.use_gpu in ("auto", True)
 
     def _maybe_to_gpu(self, faiss: Any, index: Any) -> Any:
