@@ -32,6 +32,7 @@ from raee.aggregation import gather_neighbours, label_vote  # noqa: E402
 from raee.calibration.calibrate import calibrate_on_tables, full_model_scores, sweep_knob  # noqa: E402
 from raee.calibration.simulate import simulate  # noqa: E402
 from raee.calibration.tables import load_or_compute_tables  # noqa: E402
+from raee.cli import user_errors  # noqa: E402
 from raee.experiment import prepare_head  # noqa: E402
 from raee.run import CONF_DIR  # noqa: E402
 
@@ -117,4 +118,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # a user's error: one paragraph, exit status 2
+        main()
