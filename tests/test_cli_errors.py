@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import InstantiationException
 from omegaconf.errors import MissingMandatoryValue
 
@@ -101,12 +102,15 @@ RUN_CASES = {
     "missing exit database": (lambda t: ["exit=raee", f"db.dir={t / 'no_db'}"],
                               r"exit\.database=.*no_db does not exist: build it with `python -m raee\.build_db"),
     # the run itself
+    "GPU trainer without a GPU": (lambda t: ["exit=full", "trainer=gpu"], r"No supported gpu backend.*use trainer=cpu"),
     "unknown log level": (lambda t: ["exit=full", "log_level=LOUD"], r"log_level='LOUD' is not a logging level"),
 }
 
 
 @pytest.mark.parametrize("case", list(RUN_CASES))
 def test_raee_prints_a_users_error_as_one_paragraph(case, tmp_path, monkeypatch, capsys):
+    if case == "GPU trainer without a GPU" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
     overrides, pattern = RUN_CASES[case]
     status, stderr = call(run.cli, raee_run(tmp_path, *overrides(tmp_path)), monkeypatch, capsys)
     assert_user_error(status, stderr, pattern)
