@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import runpy
 import shutil
@@ -156,7 +157,8 @@ def test_a_sweep_records_a_users_error_and_logs_its_message_only(tmp_path, monke
 
 @pytest.mark.slow
 def test_the_command_line_prints_one_line_and_exits_2(tmp_path):
-    env = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"WANDB_MODE": "disabled",
+                                                                             "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "raee.run", *raee_run(tmp_path, "exit=patience", "exit.patience=0")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
