@@ -1,0 +1,244 @@
+"""The docs' result tables, generated from the CSVs under ``results/``: ``python -m raee.report --docs``.
+
+A Markdown page (README.md, experiments/README.md, docs/**/*.md) asks for a table with a block whose
+opening HTML comment holds the table's spec in YAML; everything up to the closing comment is generated::
+
+    <!-- table
+    source: results/default/results.csv     # relative to the repository root
+    where: "dataset == 'bbcnews'"            # optional: a pandas query on the CSV
+    rows:                                    # optional: pick and label runs, in this order
+      - label: full model
+        where: "method == 'full'"
+      - label: "entropy, threshold {knob_threshold}"   # str.format over the run's columns
+        where: "method == 'entropy'"                   # every match is a row (in CSV order)
+    across:                                  # optional: one column group per value of a column
+      column: dataset
+      values: {bbcnews: BBC News, rotten_tomatoes: Rotten Tomatoes}
+    columns: {label: method, accuracy: accuracy, mean_layers_computed: layers}   # column -> header, in order
+    formats: {accuracy: .4f, mean_layers_computed: .2f, wall_speedup: "{:.2f}x"}
+    bold: "calibrated == True"               # optional: rows to set in bold
+    sort: [dataset, accuracy]                # optional
+    -->
+    | method | accuracy | layers |
+    | --- | --- | --- |
+    ...
+    <!-- end table -->
+
+Cells are the CSV's text as written unless ``formats`` names the column (a format spec such as ``.4f``,
+``.1%``, or a ``{:...}`` template), so a transcribed table keeps its digits and a report's CSV is rounded
+where the page says. A ``rows`` entry that matches nothing is an error: a page cannot silently lose a row
+when its CSV changes. ``--docs --check`` (and tests/test_docs.py) fail when a page differs from what its
+CSVs generate; no number in these tables is typed by hand.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from raee.atomic import atomic_write_text
+from raee.errors import UserError
+
+#: the opening comment (its body is the YAML spec) and the closing comment of a generated table
+BLOCK = re.compile(r"(?P<open><!-- table\n(?P<spec>.*?)-->\n)(?P<body>.*?)(?P<close><!-- end table -->)", re.S)
+#: pages scanned for tables, relative to the repository root
+PAGES = ("README.md", "experiments/README.md", "docs/**/*.md")
+SPEC_KEYS = {"source", "where", "rows", "across", "columns", "formats", "bold", "sort"}
+
+
+@dataclass(frozen=True)
+class Change:
+    """A page whose generated tables differ from what is written in it."""
+
+    path: Path
+    old: str
+    new: str
+
+    def diff(self) -> str:
+        return "".join(difflib.unified_diff(self.old.splitlines(True), self.new.splitlines(True),
+                                            fromfile=f"{self.path} (written)", tofile=f"{self.path} (generated)"))
+
+
+def repo_root(start: str | Path = ".") -> Path:
+    """The nearest directory at or above ``start`` that holds results/ or pyproject.toml."""
+    start = Path(start).resolve()
+    for d in [start, *start.parents]:
+        if (d / "results").is_dir() or (d / "pyproject.toml").exists():
+            return d
+    raise UserError(f"no repository root (a folder with results/ or pyproject.toml) at or above {start}")
+
+
+def parse_spec(text: str, where: str = "") -> dict[str, Any]:
+    import yaml  # PyYAML comes with Hydra
+
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"{where}: the table spec is not valid YAML: {err}") from err
+    if not isinstance(spec, dict) or "source" not in spec or "columns" not in spec:
+        raise UserError(f"{where}: a table spec needs at least 'source' (a CSV under results/) and 'columns'")
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise UserError(f"{where}: unknown table spec key(s) {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
+    if not isinstance(spec["columns"], dict) or not spec["columns"]:
+        raise UserError(f"{where}: 'columns' maps CSV column -> header, e.g. {{accuracy: accuracy}}")
+    return spec
+
+
+def read_source(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(typed frame for queries, sorting and formats; the CSV's text as written, same index)."""
+    if not path.exists():
+        raise UserError(f"no {path}: a table's source is a CSV under results/ (see docs/guides/publishing-results.md)")
+    typed = pd.read_csv(path)
+    text = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return typed, text
+
+
+def format_cell(value: Any, text: str, fmt: str | None) -> str:
+    if fmt is None or text == "":
+        return text
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return text
+    if not math.isfinite(number):
+        return ""
+    return fmt.format(number) if "{" in fmt else format(number, fmt)
+
+
+def _query(df: pd.DataFrame, expr: str | None, where: str) -> pd.DataFrame:
+    if not expr:
+        return df
+    try:
+        return df.query(expr, engine="python")
+    except Exception as err:  # noqa: BLE001 - pandas raises many kinds; all mean a bad spec
+        raise UserError(f"{where}: cannot apply {expr!r} to the CSV ({type(err).__name__}: {err})") from err
+
+
+def _label(template: str, row: pd.Series, where: str) -> str:
+    try:
+        return str(template).format(**{str(k): v for k, v in row.items()})
+    except (KeyError, IndexError, ValueError) as err:
+        raise UserError(f"{where}: label {template!r} names a column the CSV lacks ({err})") from err
+
+
+def _selected(typed: pd.DataFrame, spec: dict[str, Any], where: str) -> pd.DataFrame:
+    """The rows of the table, in order, with a 'label' column (a row's ``rows`` label, else its method)."""
+    df = _query(typed, spec.get("where"), where)
+    if spec.get("sort"):
+        df = df.sort_values(list(spec["sort"]), kind="stable")
+    if not spec.get("rows"):
+        return df.assign(label=df["method"] if "method" in df.columns else "")
+    parts = []
+    for i, selector in enumerate(spec["rows"]):
+        if not isinstance(selector, dict) or "where" not in selector:
+            raise UserError(f"{where}: rows[{i}] needs 'where' (a query) and may have 'label'")
+        match = _query(df, selector["where"], where)
+        if match.empty:
+            raise UserError(f"{where}: rows[{i}] ({selector['where']!r}) matches no run of the CSV")
+        labels = [_label(selector.get("label", "{method}"), r, where) for _, r in match.iterrows()]
+        parts.append(match.assign(label=labels))
+    return pd.concat(parts)
+
+
+def render(spec: dict[str, Any], root: Path, where: str = "") -> str:
+    """The Markdown table a spec asks for (see the module docstring)."""
+    typed, text = read_source(root / spec["source"])
+    formats: dict[str, str] = {str(k): str(v) for k, v in (spec.get("formats") or {}).items()}
+    columns: dict[str, str] = {str(k): str(v) for k, v in spec["columns"].items()}
+    missing = [c for c in columns if c != "label" and c not in typed.columns]
+    if missing:
+        raise UserError(f"{where}: {spec['source']} has no column(s) {missing}")
+    rows = _selected(typed, spec, where)
+    bold = set(_query(typed, spec.get("bold"), where).index) if spec.get("bold") else set()
+
+    def cell(index: Any, column: str, label: str) -> str:
+        if column == "label":
+            return label
+        return format_cell(typed.at[index, column], text.at[index, column], formats.get(column))
+
+    across = spec.get("across")
+    if across:
+        col, values = across["column"], dict(across["values"])
+        headers = [columns.get("label", "")] if "label" in columns else []
+        headers += [f"{name} {h}" for name in values.values() for c, h in columns.items() if c != "label"]
+        body = []
+        for label, group in rows.groupby("label", sort=False):
+            cells = [str(label)] if "label" in columns else []
+            for value in values:
+                hit = group[group[col].astype(str) == str(value)]
+                cells += ["" if hit.empty else cell(hit.index[0], c, str(label)) for c in columns if c != "label"]
+            body.append((cells, any(i in bold for i in group.index)))
+    else:
+        headers = list(columns.values())
+        body = [([cell(i, c, str(r["label"])) for c in columns], i in bold) for i, r in rows.iterrows()]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    for cells, strong in body:
+        cells = [c.replace("|", "\\|") for c in cells]
+        if strong:
+            cells = [f"**{c}**" if c else c for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def generate_page(text: str, root: Path, where: str = "") -> str:
+    """The page with every table block regenerated."""
+    def replace(match: re.Match[str]) -> str:
+        line = text.count("\n", 0, match.start()) + 1
+        spec = parse_spec(match["spec"], f"{where}:{line}")
+        return match["open"] + render(spec, root, f"{where}:{line}") + match["close"]
+
+    return BLOCK.sub(replace, text)
+
+
+def pages(root: Path, patterns: Sequence[str] = PAGES) -> list[Path]:
+    found: set[Path] = set()
+    for pattern in patterns:
+        found.update(p for p in root.glob(pattern) if p.is_file())
+    return sorted(found)
+
+
+def changes(root: str | Path | None = None, files: Iterable[Path] | None = None) -> list[Change]:
+    """Every page (README.md, experiments/README.md, docs/**/*.md) whose tables differ from their CSVs."""
+    root = repo_root() if root is None else Path(root)
+    out = []
+    for path in pages(root) if files is None else files:
+        old = path.read_text()
+        if "<!-- table" not in old:
+            continue
+        new = generate_page(old, root, str(path.relative_to(root) if path.is_relative_to(root) else path))
+        if new != old:
+            out.append(Change(path, old, new))
+    return out
+
+
+def table_sources(root: Path) -> set[Path]:
+    """Every CSV a page's table reads (to check that each results/ folder has its provenance)."""
+    sources = set()
+    for path in pages(root):
+        for match in BLOCK.finditer(path.read_text()):
+            sources.add(root / parse_spec(match["spec"], str(path))["source"])
+    return sources
+
+
+def main_docs(root: str | Path | None = None, check: bool = False) -> int:
+    """``python -m raee.report --docs [--check]``: rewrite (or only compare) the pages' generated tables."""
+    root = repo_root() if root is None else Path(root)
+    found = changes(root)
+    for change in found:
+        if check:
+            print(change.diff())
+        else:
+            atomic_write_text(change.path, change.new)
+    verb = "differ from their CSVs" if check else "regenerated"
+    names = ", ".join(str(c.path.relative_to(root)) for c in found)
+    print(f"{len(found)} page(s) {verb}" + (f": {names}" if names else "") +
+          (" (run `python -m raee.report --docs` to regenerate)" if check and found else ""))
+    return 1 if check and found else 0
