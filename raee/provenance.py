@@ -115,9 +115,11 @@ def git_commit(cwd: str | Path = ".") -> tuple[str | None, bool | None]:
 
 
 def step_record(command: str, started: str, load_start: Sequence[float], seconds: float | None = None,
-                returncode: int | None = None, cwd: str | Path = ".") -> dict[str, Any]:
-    """One step of a provenance record: the command and everything about where and when it ran."""
-    commit, dirty = git_commit(cwd)
+                returncode: int | None = None, cwd: str | Path = ".",
+                commit: tuple[str | None, bool | None] | None = None) -> dict[str, Any]:
+    """One step of a provenance record: the command and everything about where and when it ran
+    (``commit``: (id, dirty) read when the command started; read now when not given)."""
+    commit, dirty = git_commit(cwd) if commit is None else commit
     return {"command": command, "cwd": str(Path(cwd).resolve()), "commit": commit, "dirty": dirty,
             "started": started, "finished": _now(), "seconds": None if seconds is None else round(seconds, 1),
             "returncode": returncode, "load_average": {"start": list(load_start), "end": load_average()},
@@ -175,13 +177,15 @@ def run_and_record(folder: str | Path, command: Sequence[str], experiment: str |
             raise UserError(f"{path} records a transcribed result: pass --fresh to replace it with a measured one")
     else:
         record = {"format": FORMAT, "experiment": experiment or folder.name, "status": "measured", "steps": []}
-    started, load_start, clock = _now(), load_average(), time.monotonic()
+    # the code that runs is the code at the start: later commits during a long run must not be credited
+    started, load_start, commit, clock = _now(), load_average(), git_commit(), time.monotonic()
     print(f"provenance: running {shlex.join(command)}", file=sys.stderr, flush=True)
     try:
         returncode = subprocess.call(list(command))
     except FileNotFoundError as err:
         raise UserError(f"cannot run {command[0]!r}: {err}") from err
-    record["steps"].append(step_record(shlex.join(command), started, load_start, time.monotonic() - clock, returncode))
+    record["steps"].append(step_record(shlex.join(command), started, load_start, time.monotonic() - clock, returncode,
+                                       commit=commit))
     if experiment:
         record["experiment"] = experiment
     if note is not None:
