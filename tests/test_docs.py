@@ -74,6 +74,13 @@ def test_a_table_is_generated_from_its_csv(repo):
     assert "| 2.4316 |" in new and "| 6.0 |" in new
 
 
+def test_a_block_inside_fenced_code_is_an_example_not_a_table(repo):
+    example = "Write this:\n\n````markdown\n" + PAGE.split("\n\n")[2] + "\n````\n"
+    page = example + "\n" + PAGE
+    new = docs.generate_page(page, repo)
+    assert new.startswith(example) and new.count(EXPECTED) == 1
+
+
 def test_check_reports_a_stale_page_and_docs_rewrites_it(repo, capsys):
     assert docs.main_docs(repo, check=True) == 1
     out = capsys.readouterr().out

@@ -188,14 +188,40 @@ def render(spec: dict[str, Any], root: Path, where: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def fenced_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of fenced code blocks (``` or ~~~, any length): a table block shown as an
+    example inside one is left alone."""
+    spans, start, fence = [], 0, ""
+    pos = 0
+    for line in text.splitlines(keepends=True):
+        stripped = line.lstrip()
+        marker = re.match(r"(`{3,}|~{3,})", stripped)
+        if marker and not fence:
+            fence, start = marker.group(1), pos
+        elif marker and fence and marker.group(1).startswith(fence) and not stripped[len(marker.group(1)):].strip():
+            spans.append((start, pos + len(line)))
+            fence = ""
+        pos += len(line)
+    if fence:
+        spans.append((start, len(text)))
+    return spans
+
+
+def blocks(text: str) -> list[re.Match[str]]:
+    """The table blocks of a page, outside fenced code."""
+    spans = fenced_spans(text)
+    return [m for m in BLOCK.finditer(text) if not any(a <= m.start() < b for a, b in spans)]
+
+
 def generate_page(text: str, root: Path, where: str = "") -> str:
     """The page with every table block regenerated."""
-    def replace(match: re.Match[str]) -> str:
+    out, last = [], 0
+    for match in blocks(text):
         line = text.count("\n", 0, match.start()) + 1
         spec = parse_spec(match["spec"], f"{where}:{line}")
-        return match["open"] + render(spec, root, f"{where}:{line}") + match["close"]
-
-    return BLOCK.sub(replace, text)
+        out += [text[last:match.start()], match["open"], render(spec, root, f"{where}:{line}"), match["close"]]
+        last = match.end()
+    return "".join(out) + text[last:]
 
 
 def pages(root: Path, patterns: Sequence[str] = PAGES) -> list[Path]:
@@ -223,7 +249,7 @@ def table_sources(root: Path) -> set[Path]:
     """Every CSV a page's table reads (to check that each results/ folder has its provenance)."""
     sources = set()
     for path in pages(root):
-        for match in BLOCK.finditer(path.read_text()):
+        for match in blocks(path.read_text()):
             sources.add(root / parse_spec(match["spec"], str(path))["source"])
     return sources
 
