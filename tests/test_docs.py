@@ -129,6 +129,13 @@ def test_cli_docs_check_on_a_stale_page(repo, monkeypatch, capsys):
     assert "0 page(s)" in capsys.readouterr().out
 
 
+def test_the_config_reference_names_every_config_file():
+    text = docs.config_reference(ROOT)
+    for path in (ROOT / "conf").glob("*/*.yaml"):
+        assert f"### {path.parent.name}" in text and f"| `{path.stem}` |" in text, path
+    assert "`raee.exits.EntropyExit`" in text and "`threshold`, `min_layer`" in text
+
+
 # ------------------------------------------------------------------ provenance
 
 

@@ -51,6 +51,8 @@ BLOCK = re.compile(r"(?P<open><!-- table\n(?P<spec>.*?)-->\n)(?P<body>.*?)(?P<cl
 #: pages scanned for tables, relative to the repository root
 PAGES = ("README.md", "experiments/README.md", "docs/**/*.md")
 SPEC_KEYS = {"source", "where", "rows", "across", "columns", "formats", "bold", "sort"}
+#: a section generated from the repository itself (not from results/): <!-- generated: NAME --> ... <!-- end generated -->
+GENERATED = re.compile(r"(?P<open><!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(?P<close><!-- end generated -->)", re.S)
 
 
 @dataclass(frozen=True)
@@ -213,15 +215,79 @@ def blocks(text: str) -> list[re.Match[str]]:
     return [m for m in BLOCK.finditer(text) if not any(a <= m.start() < b for a, b in spans)]
 
 
+def _yaml_comment(path: Path) -> str:
+    """The leading comment of a config file as one line, up to its first sentence that ends within 300 chars."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[1:].strip()
+        if body.startswith("@package") or line.startswith("#  "):  # a package line, an indented example
+            if lines:
+                break
+            continue
+        lines.append(body)
+    text = " ".join(lines).strip().replace("<", "&lt;").replace(">", "&gt;")  # prose, not HTML tags
+    cut = [i + 1 for i, ch in enumerate(text) if ch == "." and (i + 1 == len(text) or text[i + 1] == " ") and i < 300]
+    return text[:cut[-1]] if len(text) > 300 and cut else text
+
+
+def _yaml_fields(path: Path) -> str:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    keys = [str(k) for k in data if k not in ("_target_", "defaults")]
+    return ", ".join(f"`{k}`" for k in keys)
+
+
+def config_reference(root: Path) -> str:
+    """One table per config group of conf/: option, what its file's comment says, its fields and `_target_`."""
+    conf = root / "conf"
+    parts = []
+    for group in sorted(d for d in conf.iterdir() if d.is_dir() and not d.name.startswith("_")):
+        files = sorted(group.glob("*.yaml"))
+        if not files:
+            continue
+        rows = ["| option | what | fields | `_target_` |", "| --- | --- | --- | --- |"]
+        import yaml
+
+        for f in files:
+            try:
+                target = (yaml.safe_load(f.read_text()) or {}).get("_target_", "")
+            except (yaml.YAMLError, AttributeError):
+                target = ""
+            cells = [f"`{f.stem}`", _yaml_comment(f), _yaml_fields(f), f"`{target}`" if target else ""]
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        parts.append(f"### {group.name}\n\n`{group.name}=<option>`: `conf/{group.name}/<option>.yaml`\n\n"
+                     + "\n".join(rows) + "\n")
+    return "\n".join(parts)
+
+
+#: the generated sections a page may hold (<!-- generated: NAME -->)
+SECTIONS = {"config-reference": config_reference}
+
+
 def generate_page(text: str, root: Path, where: str = "") -> str:
-    """The page with every table block regenerated."""
+    """The page with every table block and generated section regenerated."""
     out, last = [], 0
     for match in blocks(text):
         line = text.count("\n", 0, match.start()) + 1
         spec = parse_spec(match["spec"], f"{where}:{line}")
         out += [text[last:match.start()], match["open"], render(spec, root, f"{where}:{line}"), match["close"]]
         last = match.end()
-    return "".join(out) + text[last:]
+    text = "".join(out) + text[last:]
+
+    def section(match: re.Match[str]) -> str:
+        if match["name"] not in SECTIONS:
+            raise UserError(f"{where}: unknown generated section {match['name']!r}; known: {sorted(SECTIONS)}")
+        return match["open"] + SECTIONS[match["name"]](root) + match["close"]
+
+    return GENERATED.sub(section, text)
 
 
 def pages(root: Path, patterns: Sequence[str] = PAGES) -> list[Path]:
@@ -237,7 +303,7 @@ def changes(root: str | Path | None = None, files: Iterable[Path] | None = None)
     out = []
     for path in pages(root) if files is None else files:
         old = path.read_text()
-        if "<!-- table" not in old:
+        if "<!-- table" not in old and "<!-- generated:" not in old:
             continue
         new = generate_page(old, root, str(path.relative_to(root) if path.is_relative_to(root) else path))
         if new != old:
