@@ -197,3 +197,25 @@ def test_mkdocs_build_strict(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_extending_guides_exit_strategy_runs(tiny_bert):
+    """The MarginExit of docs/guides/extending.md, as printed there, exits where its rule says."""
+    import re
+
+    import torch
+
+    from raee.exit_loop import run_early_exit
+    from tests.test_exit_loop import ctx_for, scripted
+
+    text = (ROOT / "docs" / "guides" / "extending.md").read_text()
+    code = re.search(r"```python\n(# raee/exits/margin.py\n.*?)```", text, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "extending.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    margin_exit = namespace["MarginExit"](margin=0.5, min_layer=1)
+    # example 0: confident from layer 0 on (min_layer keeps it to layer 1); example 1: never confident
+    head, enc = scripted(tiny_bert, [[0] * (tiny_bert.num_layers + 1), [1] * (tiny_bert.num_layers + 1)])
+    head.table[int(enc["input_ids"][1, 1])] = torch.zeros(tiny_bert.num_layers + 1, 3)
+    result = run_early_exit(tiny_bert, head, margin_exit, enc, ctx_for(tiny_bert, 2))
+    assert result.exit_layers.tolist() == [1, tiny_bert.num_layers]
+    assert margin_exit.knobs() == {"margin": 0.5, "min_layer": 1}
