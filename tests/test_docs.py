@@ -95,6 +95,13 @@ def test_check_reports_a_stale_page_and_docs_rewrites_it(repo, capsys):
     assert [c.path.name for c in docs.changes(repo)] == ["page.md"]
 
 
+def test_a_broken_page_is_named_and_the_others_still_regenerate(repo, capsys):
+    (repo / "docs" / "broken.md").write_text(PAGE.replace("results/x/results.csv", "results/gone/results.csv"))
+    assert docs.main_docs(repo) == 2
+    assert "results/gone/results.csv" in capsys.readouterr().err
+    assert EXPECTED in (repo / "docs" / "page.md").read_text()
+
+
 def test_across_puts_one_column_group_per_dataset(repo):
     spec = {"source": "results/x/results.csv", "where": "method == 'entropy'",
             "rows": [{"label": "entropy, threshold {knob_threshold}", "where": "method == 'entropy'"}],

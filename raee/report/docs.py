@@ -36,6 +36,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,10 +95,10 @@ def parse_spec(text: str, where: str = "") -> dict[str, Any]:
     return spec
 
 
-def read_source(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_source(path: Path, where: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(typed frame for queries, sorting and formats; the CSV's text as written, same index)."""
     if not path.exists():
-        raise UserError(f"no {path}: a table's source is a CSV under results/ (see docs/guides/publishing-results.md)")
+        raise UserError(f"{where}: no {path}: a table's source is a CSV under results/ (see docs/guides/publishing-results.md)")
     typed = pd.read_csv(path)
     text = pd.read_csv(path, dtype=str, keep_default_na=False)
     return typed, text
@@ -152,7 +153,7 @@ def _selected(typed: pd.DataFrame, spec: dict[str, Any], where: str) -> pd.DataF
 
 def render(spec: dict[str, Any], root: Path, where: str = "") -> str:
     """The Markdown table a spec asks for (see the module docstring)."""
-    typed, text = read_source(root / spec["source"])
+    typed, text = read_source(root / spec["source"], where)
     formats: dict[str, str] = {str(k): str(v) for k, v in (spec.get("formats") or {}).items()}
     columns: dict[str, str] = {str(k): str(v) for k, v in spec["columns"].items()}
     missing = [c for c in columns if c != "label" and c not in typed.columns]
@@ -297,15 +298,24 @@ def pages(root: Path, patterns: Sequence[str] = PAGES) -> list[Path]:
     return sorted(found)
 
 
-def changes(root: str | Path | None = None, files: Iterable[Path] | None = None) -> list[Change]:
-    """Every page (README.md, experiments/README.md, docs/**/*.md) whose tables differ from their CSVs."""
+def changes(root: str | Path | None = None, files: Iterable[Path] | None = None,
+            errors: list[str] | None = None) -> list[Change]:
+    """Every page (README.md, experiments/README.md, docs/**/*.md) whose tables differ from their CSVs.
+    With ``errors`` (a list), a page whose tables cannot be generated is named there and skipped instead of
+    raising, so that the other pages are still regenerated."""
     root = repo_root() if root is None else Path(root)
     out = []
     for path in pages(root) if files is None else files:
         old = path.read_text()
         if "<!-- table" not in old and "<!-- generated:" not in old:
             continue
-        new = generate_page(old, root, str(path.relative_to(root) if path.is_relative_to(root) else path))
+        try:
+            new = generate_page(old, root, str(path.relative_to(root) if path.is_relative_to(root) else path))
+        except UserError as err:
+            if errors is None:
+                raise
+            errors.append(str(err))
+            continue
         if new != old:
             out.append(Change(path, old, new))
     return out
@@ -323,7 +333,8 @@ def table_sources(root: Path) -> set[Path]:
 def main_docs(root: str | Path | None = None, check: bool = False) -> int:
     """``python -m raee.report --docs [--check]``: rewrite (or only compare) the pages' generated tables."""
     root = repo_root() if root is None else Path(root)
-    found = changes(root)
+    errors: list[str] = []
+    found = changes(root, errors=errors)
     for change in found:
         if check:
             print(change.diff())
@@ -333,4 +344,6 @@ def main_docs(root: str | Path | None = None, check: bool = False) -> int:
     names = ", ".join(str(c.path.relative_to(root)) for c in found)
     print(f"{len(found)} page(s) {verb}" + (f": {names}" if names else "") +
           (" (run `python -m raee.report --docs` to regenerate)" if check and found else ""))
-    return 1 if check and found else 0
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 2 if errors else (1 if check and found else 0)
