@@ -122,12 +122,18 @@ def _group_title(key: tuple[Any, ...]) -> str:
     return f"{dataset} | {backbone.rstrip('/').split('/')[-1]} | {head}"
 
 
+def method_colors(df: pd.DataFrame) -> dict[str, str]:
+    """One colour per method, in the report's method order (the same in every chart of the page)."""
+    methods = sorted(df["method"].astype(str).unique(), key=method_rank)
+    return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(methods)}
+
+
 def speed_figure(group: pd.DataFrame, title: str) -> Any:
     """One point per run: x = speed-up (menu: layers computed), y = the task metric; one trace per method."""
     import plotly.graph_objects as go
 
-    methods = sorted(group["method"].astype(str).unique(), key=method_rank)
-    colors = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(methods)}
+    colors = method_colors(group)
+    methods = list(colors)
     fig = go.Figure()
     xs_speed, xs_layers = [], []
     for method in methods:
@@ -167,6 +173,7 @@ def exit_figure(group: pd.DataFrame, title: str) -> Any:
     import plotly.graph_objects as go
 
     fig = go.Figure()
+    colors, seen = method_colors(group), {}
     for _, r in group.iterrows():
         counts = r.get("exit_layer_counts")
         if isinstance(counts, str):
@@ -174,8 +181,11 @@ def exit_figure(group: pd.DataFrame, title: str) -> Any:
         if not isinstance(counts, (list, tuple)) or sum(counts) <= 0:
             continue
         share = np.asarray(counts, dtype=float) / float(sum(counts))
+        method = str(r["method"])
+        seen[method] = seen.get(method, 0) + 1  # several runs of one method: same colour, lighter each time
         fig.add_trace(go.Bar(x=list(range(len(share))), y=share.tolist(), name=str(r["label"]),
-                             legendgroup=str(r["method"]),
+                             legendgroup=method, marker_color=colors[method],
+                             marker_opacity=max(1.0 - 0.15 * (seen[method] - 1), 0.35),
                              hovertemplate="%{fullData.name}<br>layer %{x}: %{y:.1%}<extra></extra>"))
     fig.update_layout(title={"text": title, "font": {"size": 14}}, barmode="group", height=380,
                       template="plotly_white", xaxis_title="exit layer (0 = embeddings)",
