@@ -125,9 +125,16 @@ def _query(df: pd.DataFrame, expr: str | None, where: str) -> pd.DataFrame:
         raise UserError(f"{where}: cannot apply {expr!r} to the CSV ({type(err).__name__}: {err})") from err
 
 
+def _plain(value: Any) -> Any:
+    """A label's value as a reader writes it: 3.0 -> 3 (a knob column with gaps is read as floats)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _label(template: str, row: pd.Series, where: str) -> str:
     try:
-        return str(template).format(**{str(k): v for k, v in row.items()})
+        return str(template).format(**{str(k): _plain(v) for k, v in row.items()})
     except (KeyError, IndexError, ValueError) as err:
         raise UserError(f"{where}: label {template!r} names a column the CSV lacks ({err})") from err
 

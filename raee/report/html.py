@@ -36,6 +36,8 @@ TABLE_COLUMNS: dict[str, tuple[str, str]] = {
     "retrieval_share": ("retrieval share", ".1%"), "calibrated": ("calibrated", ""), "pareto": ("Pareto", ""),
     "num_examples": ("n", ""), "overrides": ("overrides", ""), "run_dir": ("run", ""),
 }
+#: long text columns: wrapped, not one wide line
+WRAPPED = ("knobs", "overrides", "run_dir")
 HOVER_FIELDS = ("label", "overrides", "task_metric", "task_metric_value", "accuracy", "cost",
                 "speedup", "speedup_source", "layer_speedup", "retrieval_share", "run_dir")
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -69,6 +71,7 @@ table.sortable th { cursor: pointer; background: #f0f0f0; position: sticky; top:
 table.sortable th[data-order=asc]::after { content: ' \\25B2'; } table.sortable th[data-order=desc]::after { content: ' \\25BC'; }
 table.sortable td, table.sortable th { border: 1px solid #ddd; padding: 2px 6px; white-space: nowrap; }
 table.sortable td.num { text-align: right; }
+table.sortable td.wrap { white-space: normal; min-width: 16em; max-width: 30em; }
 div.scroll { overflow: auto; max-height: 40em; }
 """
 
@@ -110,7 +113,7 @@ def results_table_html(df: pd.DataFrame) -> str:
         cells = []
         for c, (_, fmt) in cols.items():
             shown, key, numeric = _cell(r[c], fmt)
-            cls = ' class="num"' if numeric else ""
+            cls = ' class="num"' if numeric else (' class="wrap"' if c in WRAPPED else "")
             cells.append(f'<td{cls} data-value="{html.escape(key, quote=True)}">{html.escape(shown)}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<div class="scroll"><table class="sortable" id="results"><thead><tr>{head}</tr></thead>'
