@@ -232,3 +232,28 @@ def test_end_and_newline_tokens_stop_a_row(decoders):
     assert lines.tokens[0] == free[:3] if free[1] != free[0] else len(lines.tokens[0]) <= 3
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         run(bb, FullGeneration(), n=0)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_smollm2_full_greedy_equals_transformers_generate_on_articles():
+    """The layerwise loop's greedy headlines on real BBC articles (chat-template prompts) equal generate's."""
+    from raee.data import TextClassificationDataModule
+    from raee.generation import LMHead
+
+    bb = load_backbone("smollm2")
+    dm = TextClassificationDataModule("bbcnews_headlines", task_type="generation", max_source_tokens=48,
+                                      prompt={"generation": {"message": "Write a headline.\n\n{text}"}})
+    head = LMHead()
+    head.bind(bb, dm)
+    assert head.use_chat
+    lm = hf_lm(bb)
+    prompts = [head.encode_prompt(text) for text in dm.split("validation").texts[:3]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batch-1 decoding: one thread is as fast, and far faster on a busy machine
+    try:
+        out = run(bb, FullGeneration(), prompts, n=8)
+        for prompt, tokens in zip(prompts, out.tokens):
+            assert tokens == hf_greedy(lm, prompt, 8)
+    finally:
+        torch.set_num_threads(threads)
