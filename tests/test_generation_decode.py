@@ -257,3 +257,22 @@ def test_smollm2_full_greedy_equals_transformers_generate_on_articles():
             assert tokens == hf_greedy(lm, prompt, 8)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.real_lm
+def test_gemma3_270m_full_greedy_equals_transformers_generate():
+    """Gemma-3-270M (<bos>, a 262k vocabulary, local and global rotary tables): the layerwise loop equals generate
+    (its 512-token window is exercised by the tiny Gemma-3's window of 4); a HashEE plan decodes on it."""
+    bb = load_backbone("gemma3_270m")
+    lm = hf_lm(bb)
+    ids = bb.tokenizer("Article: The central bank raised interest rates again on Thursday, the third rise this "
+                       "year, citing inflation.\nHeadline:")["input_ids"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = run(bb, FullGeneration(), [ids], n=8)
+        assert out.tokens[0] == hf_greedy(lm, ids, 8)
+        s = hashee(bb, random_map(bb, seed=4))
+        assert len(run(bb, s, [ids], n=4).tokens[0]) == 4
+    finally:
+        torch.set_num_threads(threads)
