@@ -79,6 +79,13 @@ def test_exits_at_the_last_layer_change_nothing(decoders, family):
     assert fixed.flops.summary()["flops_speedup"] == pytest.approx(1.0)
 
 
+def test_hash_none_equals_full(decoders):
+    bb = decoders["gemma3"]
+    none = HashEEGeneration(HashEEExit(hash="none", max_epochs=0))
+    none.prepare(bb, None)  # the map of hash=none needs no data: every token runs all L layers
+    assert run(bb, none).tokens == run(bb, FullGeneration()).tokens
+
+
 def test_fixed_layer_is_a_shallower_model(decoders):
     """exit=fixed at l: every token, prompt and generated, leaves at l; no layer above l ever runs."""
     bb = decoders["llama"]
