@@ -99,6 +99,10 @@ def build_generation_summary(run: SplitRun, strategy: GenerationExit, backbone: 
         else None,
         "decode_wall_speedup": (stats["decode_tokens_per_s"] / f["decode_tokens_per_s"])
         if f.get("decode_tokens_per_s") and stats["decode_tokens_per_s"] else None,
+        # the time to finish the same examples, whatever each wrote (tokens/s favours longer outputs, which spread
+        # the prefill over more tokens)
+        "latency_speedup": (f["wall_time_s"] / stats["wall_time_s"]) if f.get("wall_time_s") and stats["wall_time_s"]
+        else None,
         "full_reference": "full" if full is not None else None,
         "max_new_tokens": getattr(datamodule, "max_new_tokens", None),
         "max_source_tokens": head.max_source_tokens, "budget": strategy.budget(),
@@ -144,8 +148,9 @@ def format_generation_summary(summary: dict[str, Any]) -> str:
         f"exact match: {pts(summary['exact_match'])}   (full model ROUGE-L: {pts(summary.get('full_rougeL'))})",
         f"  tokens/s: {num(summary['tokens_per_s'], '.1f')}   full model: {num(summary.get('full_tokens_per_s'), '.1f')}"
         f"   wall-clock speed-up: {num(summary.get('wall_speedup'))}x   (decoding steps alone: "
-        f"{num(summary.get('decode_wall_speedup'))}x)   {num(summary['mean_generated_tokens'], '.1f')} tokens per "
-        f"example",
+        f"{num(summary.get('decode_wall_speedup'))}x; time per example: {num(summary.get('latency_speedup'))}x)   "
+        f"{num(summary['mean_generated_tokens'], '.1f')} tokens per example (full model "
+        f"{num(summary.get('full_mean_generated_tokens'), '.1f')})",
         f"  mean exit layer (generated tokens): {num(summary['mean_exit_layer'])} / {summary['num_layers']}"
         f"   prompt tokens: {num(summary.get('prompt_mean_exit_layer'))}"
         f"   FLOPs speed-up: {num(summary.get('flops_speedup'))}x (prefill {num(summary.get('prefill_flops_speedup'))}x,"
