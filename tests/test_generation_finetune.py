@@ -1,0 +1,274 @@
+"""Generation fine-tuning: the losses read the target tokens only and equal Hugging Face's own; the joint
+loss is CALM's weighted average; token exits copy a token's state upward; each loss trains; fine-tunes are
+cached by content (reused, rebuilt when damaged, refused when a named checkpoint is damaged)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from raee.backbones import load_backbone
+from raee.errors import UserError
+from raee.generation import finetune as ft
+from raee.generation.finetune import (collate_pairs, finetune_generation, forward_with_exits,
+                                      masked_token_exit_layer)
+from raee.generation.finetuned import (WEIGHTS_ORIGIN, GenerationFinetune, cached_finetune, finetune_key)
+from raee.generation.lm_losses import (calm_weights, joint_loss, last_layer_loss, layer_loss,
+                                       prediction_positions)
+from tests.conftest import TINY_CONFIGS
+
+PAIRS = [([5, 17, 23, 42, 8], [101, 102, 2]), ([7, 9], [300, 2]), ([11, 12, 13], [400, 401, 402, 2]),
+         ([21, 22, 23, 24], [500, 2])]
+
+
+@pytest.fixture(scope="module")
+def tiny_lms() -> dict:
+    return {name: load_backbone(tiny=TINY_CONFIGS[name], max_length=64) for name in ("llama", "gpt2")}
+
+
+@pytest.fixture()
+def llama(tiny_lms):
+    """A fresh copy of the tiny Llama (fine-tunes change its weights)."""
+    return copy.deepcopy(tiny_lms["llama"])
+
+
+def hf_target_loss(bb, batch: dict) -> torch.Tensor:
+    """Hugging Face's causal-LM loss with the prompt and the padding masked out (labels = -100)."""
+    labels = torch.where(batch["target_mask"], batch["input_ids"], torch.full_like(batch["input_ids"], -100))
+    hidden = bb.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = bb.lm_head(hidden)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+# ---------------------------------------------------------------------------- batches and losses
+def test_collate_marks_the_target_tokens_and_pads_on_the_right():
+    batch = collate_pairs(PAIRS[:2], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 17, 23, 42, 8, 101, 102, 2], [7, 9, 300, 2, 0, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 8, [1, 1, 1, 1, 0, 0, 0, 0]]
+    assert batch["target_mask"].int().tolist() == [[0, 0, 0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0, 0, 0]]
+    positions, labels = prediction_positions(batch["target_mask"], batch["input_ids"])
+    assert positions.tolist() == [[0, 4], [0, 5], [0, 6], [1, 1], [1, 2]]  # the state before each target token
+    assert labels.tolist() == [101, 102, 2, 300, 2]
+    with pytest.raises(UserError, match="empty target"):
+        collate_pairs([([1, 2], [])], pad_id=0)
+    with pytest.raises(UserError, match="empty prompt"):
+        collate_pairs([([], [3])], pad_id=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_last_layer_loss_equals_hugging_face_loss_on_the_targets(tiny_lms, family):
+    bb = tiny_lms[family]
+    batch = collate_pairs(PAIRS, pad_id=bb.tokenizer.pad_token_id)
+    with torch.no_grad():
+        states = bb.all_layers(batch["input_ids"], batch["attention_mask"])
+        ours = last_layer_loss(bb, states[-1].hidden, batch["target_mask"], batch["input_ids"])
+        torch.testing.assert_close(ours, hf_target_loss(bb, batch), atol=1e-5, rtol=1e-5)
+
+
+def test_joint_loss_is_calms_weighted_average_of_every_layer(tiny_lms):
+    bb = tiny_lms["llama"]
+    L = bb.num_layers
+    w = calm_weights(L)
+    assert torch.allclose(w.sum(), torch.tensor(1.0)) and bool((w[1:] > w[:-1]).all())
+    assert torch.allclose(w, torch.arange(1, L + 1) / (L * (L + 1) / 2))
+    batch = collate_pairs(PAIRS, pad_id=0)
+    with torch.no_grad():
+        hiddens = [s.hidden for s in bb.all_layers(batch["input_ids"], batch["attention_mask"])[1:]]
+        loss, per_layer = joint_loss(bb, hiddens, batch["target_mask"], batch["input_ids"])
+        positions, labels = prediction_positions(batch["target_mask"], batch["input_ids"])
+        expected = [layer_loss(bb, h, positions, labels) for h in hiddens]
+        torch.testing.assert_close(per_layer, torch.stack(expected))
+        torch.testing.assert_close(loss, (torch.stack(expected) * w).sum())
+        only_last = joint_loss(bb, hiddens, batch["target_mask"], batch["input_ids"],
+                               weights=torch.tensor([0.0] * (L - 1) + [1.0]))[0]
+        torch.testing.assert_close(only_last, last_layer_loss(bb, hiddens[-1], batch["target_mask"],
+                                                              batch["input_ids"]))
+
+
+# ---------------------------------------------------------------------------- token exits (teacher forcing)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_no_token_exit_equals_the_plain_forward(tiny_lms, family):
+    bb = tiny_lms[family]
+    batch = collate_pairs(PAIRS, pad_id=0)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        plain = bb.all_layers(ids, mask)[-1].hidden
+        with_exits = forward_with_exits(bb, ids, mask, torch.full_like(ids, bb.num_layers))
+    torch.testing.assert_close(with_exits, plain)
+
+
+def test_an_exited_token_keeps_its_exit_state_and_later_tokens_see_the_copy(tiny_lms):
+    bb = tiny_lms["llama"]
+    ids = torch.tensor([[5, 17, 23, 42, 8, 101]])
+    mask = torch.ones_like(ids)
+    exits = torch.full_like(ids, bb.num_layers)
+    exits[0, 2] = 1  # token 2 leaves after layer 1
+    with torch.no_grad():
+        states = bb.all_layers(ids, mask)
+        out = forward_with_exits(bb, ids, mask, exits)
+    torch.testing.assert_close(out[0, 2], states[1].hidden[0, 2])  # frozen at its layer-1 state
+    torch.testing.assert_close(out[0, :2], states[-1].hidden[0, :2])  # earlier tokens: causal, unaffected
+    assert not torch.allclose(out[0, 3:], states[-1].hidden[0, 3:], atol=1e-4)  # later ones attend to the copy
+    # causality holds with exits too: a prefix's forward is the prefix of the forward
+    with torch.no_grad():
+        prefix = forward_with_exits(bb, ids[:, :4], mask[:, :4], exits[:, :4])
+    torch.testing.assert_close(prefix, out[:, :4])
+
+
+def test_prompt_scope_runs_target_tokens_through_every_layer(tiny_lms):
+    bb = tiny_lms["llama"]
+    module = ft.GenerationFinetuning(bb, "token_exits", lr=1e-3, weight_decay=0.0, warmup=0.0,
+                                     token_exits=lambda ids, mask: torch.ones_like(ids), exit_scope="prompt")
+    batch = collate_pairs(PAIRS[:2], pad_id=0)
+    exits = module.exit_layers(batch)
+    assert exits[batch["target_mask"]].eq(bb.num_layers).all() and exits[~batch["target_mask"]].eq(1).all()
+    module.exit_scope = "all"
+    assert module.exit_layers(batch).eq(1).all()
+
+
+# ---------------------------------------------------------------------------- training
+@pytest.mark.parametrize("loss", ["last", "joint", "token_exits"])
+def test_each_loss_trains_the_model_on_its_targets(llama, loss):
+    exits = (lambda ids, mask: 1 + ids % llama.num_layers) if loss == "token_exits" else None
+    batch = collate_pairs(PAIRS, pad_id=0)
+
+    def current() -> float:
+        with torch.no_grad():
+            if loss == "token_exits":
+                hidden = forward_with_exits(llama, batch["input_ids"], batch["attention_mask"],
+                                            exits(batch["input_ids"], batch["attention_mask"]))
+                return float(last_layer_loss(llama, hidden, batch["target_mask"], batch["input_ids"]))
+            hiddens = [s.hidden for s in llama.all_layers(batch["input_ids"], batch["attention_mask"])[1:]]
+            if loss == "last":
+                return float(last_layer_loss(llama, hiddens[-1], batch["target_mask"], batch["input_ids"]))
+            return float(joint_loss(llama, hiddens, batch["target_mask"], batch["input_ids"])[0])
+
+    before = current()
+    stats = finetune_generation(llama, PAIRS, loss=loss, token_exits=exits, batch_size=2, max_epochs=8, lr=2e-2,
+                                warmup=0.0, progress=False)
+    assert stats.steps == 16 and stats.examples == 8 * len(PAIRS)
+    assert current() < 0.7 * before
+    assert not any(p.requires_grad for p in llama.parameters()) and not llama.training
+    assert (stats.layer_losses is not None) == (loss == "joint")
+
+
+def test_tied_lm_head_is_trained_once_and_untied_head_too(tiny_lms):
+    gpt2 = copy.deepcopy(tiny_lms["gpt2"])  # GPT-2 ties its head to the embeddings
+    assert gpt2.lm_head.weight is gpt2.model.get_input_embeddings().weight
+    params = ft.lm_parameters(gpt2)
+    assert len(params) == len({id(p) for p in params}) == len(list(gpt2.model.parameters()))
+    llama = tiny_lms["llama"]  # untied: its head's matrix is trained too
+    assert len(ft.lm_parameters(llama)) == len(list(llama.model.parameters())) + 1
+
+
+def test_bad_settings_are_refused(llama):
+    with pytest.raises(UserError, match="unknown"):
+        finetune_generation(llama, PAIRS, loss="kl")
+    with pytest.raises(UserError, match="needs the token exits"):
+        finetune_generation(llama, PAIRS, loss="token_exits")
+    with pytest.raises(UserError, match="max_epochs"):
+        finetune_generation(llama, PAIRS, max_epochs=0)
+    with pytest.raises(UserError, match="warm-up"):
+        finetune_generation(llama, PAIRS, warmup=1.0)
+    with pytest.raises(UserError, match="unknown"):
+        GenerationFinetune(loss="nope")
+
+
+def test_progress_goes_to_the_log(llama, caplog):
+    caplog.set_level("INFO", logger="raee.generation.finetune")
+    finetune_generation(llama, PAIRS, batch_size=2, max_epochs=1, progress=False, log_every_s=0.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("step 1/2" in line and "examples/s" in line and "left" in line for line in lines), lines
+    assert "(done)" in lines[-1]
+    assert ft.format_seconds(3725) == "1h02m" and ft.format_seconds(245) == "4m05s"
+
+
+# ---------------------------------------------------------------------------- the cache
+def weights_of(bb) -> dict:
+    return {k: v.clone() for k, v in bb.model.state_dict().items()}
+
+
+def test_same_content_is_trained_once_then_reloaded(tiny_lms, tmp_path, monkeypatch):
+    settings = GenerationFinetune(max_epochs=2, batch_size=2, lr=1e-3)
+    first = copy.deepcopy(tiny_lms["llama"])
+    start = weights_of(first)
+    trained = cached_finetune(first, PAIRS, settings, cache_dir=tmp_path, progress=False)
+    assert not trained.loaded and trained.stats.steps == 4
+    assert trained.directory.parent == tmp_path / "generation_finetune"
+    meta = json.loads((trained.directory / "meta.json").read_text())
+    assert meta["settings"]["loss"] == "last" and meta["stats"]["steps"] == 4
+    assert getattr(first, WEIGHTS_ORIGIN) == trained.key
+    assert any(not torch.equal(start[k], v) for k, v in weights_of(first).items())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached fine-tune was trained again")
+
+    monkeypatch.setattr("raee.generation.finetuned.finetune_generation", no_training)
+    second = copy.deepcopy(tiny_lms["llama"])
+    again = cached_finetune(second, PAIRS, settings, cache_dir=tmp_path, progress=False)
+    assert again.loaded and again.key == trained.key and again.stats.steps == 4
+    for k, v in weights_of(first).items():
+        assert torch.equal(v, second.model.state_dict()[k]), k
+    torch.testing.assert_close(second.lm_head.weight, first.lm_head.weight)  # untied head saved and reloaded
+
+
+def test_the_key_follows_content_settings_exits_and_start(tiny_lms):
+    bb = copy.deepcopy(tiny_lms["llama"])
+    base = GenerationFinetune()
+    key = finetune_key(bb, PAIRS, base)
+    assert key == finetune_key(bb, [(list(p), list(t)) for p, t in PAIRS], base)
+    assert key != finetune_key(bb, PAIRS[:3], base)
+    assert key != finetune_key(bb, [PAIRS[1], PAIRS[0], *PAIRS[2:]], base)  # batch order depends on it
+    assert key != finetune_key(bb, [(PAIRS[0][0], [101, 2]), *PAIRS[1:]], base)
+    assert key != finetune_key(bb, PAIRS, GenerationFinetune(loss="joint"))
+    assert key != finetune_key(bb, PAIRS, GenerationFinetune(max_epochs=2))
+    assert key != finetune_key(bb, PAIRS, GenerationFinetune(lr=1e-4))
+    # exit_scope only matters for token exits
+    assert key == finetune_key(bb, PAIRS, GenerationFinetune(exit_scope="prompt"))
+    hashee = GenerationFinetune(loss="token_exits")
+    assert finetune_key(bb, PAIRS, hashee, {"hash": "random"}) != finetune_key(bb, PAIRS, hashee, {"hash": "frequency"})
+    setattr(bb, WEIGHTS_ORIGIN, "abc")  # weights another fine-tune made: another starting point
+    assert key != finetune_key(bb, PAIRS, base)
+
+
+def test_a_damaged_entry_is_rebuilt_and_a_damaged_named_checkpoint_refused(tiny_lms, tmp_path):
+    settings = GenerationFinetune(max_epochs=1, batch_size=4)
+    first = cached_finetune(copy.deepcopy(tiny_lms["llama"]), PAIRS, settings, cache_dir=tmp_path, progress=False)
+    weights = first.directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.warns(UserWarning, match="damaged"):
+        rebuilt = cached_finetune(copy.deepcopy(tiny_lms["llama"]), PAIRS, settings, cache_dir=tmp_path,
+                                  progress=False)
+    assert not rebuilt.loaded and rebuilt.directory == first.directory
+    named = tmp_path / "mine"
+    cached_finetune(copy.deepcopy(tiny_lms["llama"]), PAIRS, settings, checkpoint=named, progress=False)
+    (named / "model.safetensors").write_bytes(b"not a safetensors file")
+    bb = copy.deepcopy(tiny_lms["llama"])
+    before = weights_of(bb)
+    with pytest.raises(Exception):
+        cached_finetune(bb, PAIRS, settings, checkpoint=named, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in weights_of(bb).items())  # the model is unchanged
+    json_meta = named / "meta.json"
+    meta = json.loads(json_meta.read_text())
+    meta["settings"]["loss"] = "joint"
+    json_meta.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="was made for the joint loss"):
+        cached_finetune(bb, PAIRS, settings, checkpoint=named, progress=False)
+
+
+def test_extra_tensors_travel_with_the_weights(tiny_lms, tmp_path):
+    settings = GenerationFinetune(loss="token_exits", max_epochs=1, batch_size=4)
+    token_map = torch.arange(40) % 3 + 1
+    exits = lambda ids, mask: token_map[ids % 40]  # noqa: E731
+    made = cached_finetune(copy.deepcopy(tiny_lms["llama"]), PAIRS, settings, token_exits=exits,
+                           exits={"hash": "toy"}, extra={"token_to_layer": token_map}, cache_dir=tmp_path,
+                           progress=False, step=masked_token_exit_layer)
+    again = cached_finetune(copy.deepcopy(tiny_lms["llama"]), PAIRS, settings, token_exits=exits,
+                            exits={"hash": "toy"}, cache_dir=tmp_path, progress=False)
+    assert again.loaded and again.key == made.key
+    assert torch.equal(again.extra["token_to_layer"], token_map)
