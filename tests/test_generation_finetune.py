@@ -13,10 +13,11 @@ from torch.nn import functional as F
 
 from raee.backbones import load_backbone
 from raee.errors import UserError
-from raee.generation import finetune as ft
-from raee.generation.finetune import (collate_pairs, finetune_generation, forward_with_exits,
-                                      masked_token_exit_layer)
-from raee.generation.finetuned import (WEIGHTS_ORIGIN, GenerationFinetune, cached_finetune, finetune_key)
+from raee.generation import trainer as ft
+from raee.generation.finetune import (WEIGHTS_ORIGIN, GenerationFinetune, cached_finetune, finetune_key, finetune_lm,
+                                      training_pairs)
+from raee.generation.trainer import (collate_pairs, finetune_generation, reads_of,
+                                     reference_forward_with_exits as forward_with_exits)
 from raee.generation.lm_losses import (calm_weights, joint_loss, last_layer_loss, layer_loss,
                                        prediction_positions)
 from tests.conftest import TINY_CONFIGS
@@ -120,28 +121,36 @@ def test_an_exited_token_keeps_its_exit_state_and_later_tokens_see_the_copy(tiny
     torch.testing.assert_close(prefix, out[:, :4])
 
 
-def test_prompt_scope_runs_target_tokens_through_every_layer(tiny_lms):
+def test_token_exits_see_the_read_positions(tiny_lms):
+    """The exits function gets the positions whose next token is predicted (the last prompt token on), so that a
+    prompt-only hash can keep them at L as decoding does."""
     bb = tiny_lms["llama"]
-    module = ft.GenerationFinetuning(bb, "token_exits", lr=1e-3, weight_decay=0.0, warmup=0.0,
-                                     token_exits=lambda ids, mask: torch.ones_like(ids), exit_scope="prompt")
+    L = bb.num_layers
+    seen = {}
+
+    def prompt_only(ids, mask, reads):
+        seen["reads"] = reads
+        return torch.where(reads, torch.full_like(ids, L), torch.ones_like(ids))
+
+    module = ft.GenerationFinetuning(bb, "token_exits", lr=1e-3, weight_decay=0.0, warmup=0.0, token_exits=prompt_only)
     batch = collate_pairs(PAIRS[:2], pad_id=0)
     exits = module.exit_layers(batch)
-    assert exits[batch["target_mask"]].eq(bb.num_layers).all() and exits[~batch["target_mask"]].eq(1).all()
-    module.exit_scope = "all"
-    assert module.exit_layers(batch).eq(1).all()
+    assert seen["reads"].int().tolist() == [[0, 0, 0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0, 0, 0]]
+    assert torch.equal(reads_of(batch["target_mask"]), seen["reads"])
+    assert exits.tolist() == [[1, 1, 1, 1, L, L, L, 1], [1, L, L, 1, 1, 1, 1, 1]]
 
 
 # ---------------------------------------------------------------------------- training
 @pytest.mark.parametrize("loss", ["last", "joint", "token_exits"])
 def test_each_loss_trains_the_model_on_its_targets(llama, loss):
-    exits = (lambda ids, mask: 1 + ids % llama.num_layers) if loss == "token_exits" else None
+    exits = (lambda ids, mask, reads: 1 + ids % llama.num_layers) if loss == "token_exits" else None
     batch = collate_pairs(PAIRS, pad_id=0)
 
     def current() -> float:
         with torch.no_grad():
             if loss == "token_exits":
                 hidden = forward_with_exits(llama, batch["input_ids"], batch["attention_mask"],
-                                            exits(batch["input_ids"], batch["attention_mask"]))
+                                            exits(batch["input_ids"], batch["attention_mask"], None))
                 return float(last_layer_loss(llama, hidden, batch["target_mask"], batch["input_ids"]))
             hiddens = [s.hidden for s in llama.all_layers(batch["input_ids"], batch["attention_mask"])[1:]]
             if loss == "last":
@@ -149,8 +158,8 @@ def test_each_loss_trains_the_model_on_its_targets(llama, loss):
             return float(joint_loss(llama, hiddens, batch["target_mask"], batch["input_ids"])[0])
 
     before = current()
-    stats = finetune_generation(llama, PAIRS, loss=loss, token_exits=exits, batch_size=2, max_epochs=8, lr=2e-2,
-                                warmup=0.0, progress=False)
+    stats = finetune_generation(llama, PAIRS, loss=loss, token_exits=exits, exit_forward=forward_with_exits,
+                                batch_size=2, max_epochs=8, lr=2e-2, warmup=0.0, progress=False)
     assert stats.steps == 16 and stats.examples == 8 * len(PAIRS)
     assert current() < 0.7 * before
     assert not any(p.requires_grad for p in llama.parameters()) and not llama.training
@@ -208,7 +217,7 @@ def test_same_content_is_trained_once_then_reloaded(tiny_lms, tmp_path, monkeypa
     def no_training(*args, **kwargs):
         raise AssertionError("a cached fine-tune was trained again")
 
-    monkeypatch.setattr("raee.generation.finetuned.finetune_generation", no_training)
+    monkeypatch.setattr("raee.generation.finetune.finetune_generation", no_training)
     second = copy.deepcopy(tiny_lms["llama"])
     again = cached_finetune(second, PAIRS, settings, cache_dir=tmp_path, progress=False)
     assert again.loaded and again.key == trained.key and again.stats.steps == 4
@@ -228,8 +237,6 @@ def test_the_key_follows_content_settings_exits_and_start(tiny_lms):
     assert key != finetune_key(bb, PAIRS, GenerationFinetune(loss="joint"))
     assert key != finetune_key(bb, PAIRS, GenerationFinetune(max_epochs=2))
     assert key != finetune_key(bb, PAIRS, GenerationFinetune(lr=1e-4))
-    # exit_scope only matters for token exits
-    assert key == finetune_key(bb, PAIRS, GenerationFinetune(exit_scope="prompt"))
     hashee = GenerationFinetune(loss="token_exits")
     assert finetune_key(bb, PAIRS, hashee, {"hash": "random"}) != finetune_key(bb, PAIRS, hashee, {"hash": "frequency"})
     setattr(bb, WEIGHTS_ORIGIN, "abc")  # weights another fine-tune made: another starting point
@@ -264,11 +271,66 @@ def test_a_damaged_entry_is_rebuilt_and_a_damaged_named_checkpoint_refused(tiny_
 def test_extra_tensors_travel_with_the_weights(tiny_lms, tmp_path):
     settings = GenerationFinetune(loss="token_exits", max_epochs=1, batch_size=4)
     token_map = torch.arange(40) % 3 + 1
-    exits = lambda ids, mask: token_map[ids % 40]  # noqa: E731
+    exits = lambda ids, mask, reads: token_map[ids % 40]  # noqa: E731
     made = cached_finetune(copy.deepcopy(tiny_lms["llama"]), PAIRS, settings, token_exits=exits,
                            exits={"hash": "toy"}, extra={"token_to_layer": token_map}, cache_dir=tmp_path,
-                           progress=False, step=masked_token_exit_layer)
+                           progress=False, exit_forward=forward_with_exits)
     again = cached_finetune(copy.deepcopy(tiny_lms["llama"]), PAIRS, settings, token_exits=exits,
                             exits={"hash": "toy"}, cache_dir=tmp_path, progress=False)
     assert again.loaded and again.key == made.key
     assert torch.equal(again.extra["token_to_layer"], token_map)
+
+
+def test_the_fine_tune_in_place_is_not_applied_twice_and_a_new_one_starts_from_it(tiny_lms, tmp_path):
+    bb = copy.deepcopy(tiny_lms["llama"])
+    settings = GenerationFinetune(loss="joint", max_epochs=1, batch_size=4)
+    first = cached_finetune(bb, PAIRS, settings, cache_dir=tmp_path, progress=False)
+    after = weights_of(bb)
+    again = cached_finetune(bb, PAIRS, settings, cache_dir=tmp_path, progress=False)
+    assert again is first and all(torch.equal(after[k], v) for k, v in weights_of(bb).items())
+    other = cached_finetune(bb, PAIRS, GenerationFinetune(max_epochs=1, batch_size=4), cache_dir=tmp_path,
+                            progress=False)
+    assert not other.loaded and other.key != first.key  # a last-layer fine-tune on top of the joint one
+    fresh = copy.deepcopy(tiny_lms["llama"])  # the same last-layer budget from the loaded weights: another entry
+    assert cached_finetune(fresh, PAIRS, GenerationFinetune(max_epochs=1, batch_size=4), cache_dir=tmp_path,
+                           progress=False).key not in (first.key, other.key)
+
+
+def test_finetune_lm_trains_on_the_data_modules_pairs_as_the_lm_head_encodes_them(tiny_lms, tmp_path):
+    import pandas as pd
+
+    from raee.data import TextClassificationDataModule
+    from raee.generation import LMHead
+
+    frame = pd.DataFrame({"article": [f"article {i} about the markets" for i in range(12)],
+                          "headline": [f"markets {i}" for i in range(12)]})
+    frame.to_csv(tmp_path / "pairs.csv", index=False)
+    dm = TextClassificationDataModule("local", file=str(tmp_path / "pairs.csv"), text_column="article",
+                                      target_column="headline", task_type="generation", batch_size=4)
+    bb = copy.deepcopy(tiny_lms["llama"])
+    head = LMHead()
+    head.bind(bb, dm)
+    pairs = training_pairs(head, dm)
+    train = dm.split("train")
+    assert len(pairs) == len(train)
+    ids, n = head.encode_example(train.texts[0], train.targets[0])
+    assert list(pairs[0][0]) == ids[:n] and list(pairs[0][1]) == ids[n:] and pairs[0][1][-1] == head.end_id
+    record = finetune_lm(bb, head, dm, loss="last", settings={"max_epochs": 1, "lr": 1e-3, "seed": 1},
+                         cache_dir=tmp_path / "cache")
+    assert record["steps"] == -(-len(train) // 4) and record["batch_size"] == 4 and record["loaded"] is False
+    assert record["epochs"] == 1 and record["lr"] == 1e-3 and record["seed"] == 1
+    again = finetune_lm(copy.deepcopy(tiny_lms["llama"]), head, dm, loss="last",
+                        settings={"max_epochs": 1, "lr": 1e-3, "seed": 1}, cache_dir=tmp_path / "cache")
+    assert again["loaded"] is True and again["cache"] == record["cache"]
+    # the strategy's other settings key a token-exit fine-tune, not the others
+    exits = lambda ids, mask, reads: torch.full_like(ids, bb.num_layers)  # noqa: E731
+    a = finetune_lm(copy.deepcopy(tiny_lms["llama"]), head, dm, loss="token_exits", token_exits=exits,
+                    settings={"max_epochs": 1, "hash": "random"}, cache_dir=tmp_path / "cache")
+    b = finetune_lm(copy.deepcopy(tiny_lms["llama"]), head, dm, loss="token_exits", token_exits=exits,
+                    settings={"max_epochs": 1, "hash": "frequency"}, cache_dir=tmp_path / "cache")
+    assert a["cache"] != b["cache"]
+    c = finetune_lm(copy.deepcopy(tiny_lms["llama"]), head, dm, loss="joint",
+                    settings={"max_epochs": 1, "method": "calm_joint"}, cache_dir=tmp_path / "cache")
+    d = finetune_lm(copy.deepcopy(tiny_lms["llama"]), head, dm, loss="joint",
+                    settings={"max_epochs": 1, "method": "shared"}, cache_dir=tmp_path / "cache")
+    assert c["cache"] == d["cache"] and d["loaded"]  # one joint fine-tune, whoever asks for it

@@ -1,291 +1,260 @@
-"""Fine-tuning a causal LM on (prompt, target) token-id pairs, the loss on the target tokens only.
+"""Generation fine-tunes, made once per content and reloaded afterwards; the entry points the generation
+strategies and runs call (:func:`finetune_lm`).
 
-Three losses (:data:`LOSSES`), one recipe: AdamW with weight decay off for biases and norms, linear
-warm-up then linear decay, gradient clipping (:func:`raee.training.warmup_linear_adamw`, the recipe of
-every classification fine-tune too), seeded batch order.
-
-- ``last``: the ordinary loss at layer L (:func:`raee.generation.lm_losses.last_layer_loss`). With no token
-  exits this is also HashEE's ``hash=none`` reference.
-- ``joint``: CALM's weighted average of every layer's loss through the final norm and LM head
-  (:func:`raee.generation.lm_losses.joint_loss`), so that early layers can answer (confidence exits,
-  self-speculative drafts).
-- ``token_exits``: HashEE's fine-tune with the token exits in place: every token's exit layer comes from
-  ``token_exits`` (a function of the batch's input ids); above its exit a token's state is copied upward,
-  and later tokens attend to the copy; the loss is read at layer L, where an exited token holds its copied
-  state, exactly as the decoding loop reads it (teacher forcing with exits).
-
-Progress (steps, examples/s, time left, loss) goes to the ``raee`` logger, i.e. the job's log file as well
-as the terminal, every ``log_every_s`` seconds, and Lightning's progress bar shows it on a terminal.
+A fine-tune's cache entry ``<cache_dir>/generation_finetune/<key>`` is keyed by everything that shapes the
+weights: the settings (:class:`GenerationFinetune`: the loss and the shared ``finetune`` budget), the token
+exits of a HashEE fine-tune (its strategy's settings), the backbone, the weights it started from (a
+fine-tune already in the backbone is never applied twice), and the training pairs themselves
+(a digest of their token ids, so a change of prompt, source length, tokenizer or split is a new entry). It is
+built once under a file lock and renamed into place (:func:`raee.cache.load_or_build`): parallel jobs of a
+sweep train it once, a killed fine-tune leaves nothing that loads, and a damaged entry is rebuilt with a
+warning (or refused, with its error, when the user named the directory). Weights are safetensors.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from safetensors.torch import load_file
 
-from raee.backbones.base import LayerState, LayerwiseBackbone
-from raee.errors import UserError
-from raee.generation.lm_losses import joint_loss, last_layer_loss
-from raee.logs import labelled_progress_bar
-from raee.training import parameter_groups, warmup_linear_adamw
+from raee.atomic import atomic_write_text
+from raee.backbones.base import LayerwiseBackbone
+from raee.cache import load_or_build
+from raee.errors import MissingFileError, UserError
+from raee.generation.trainer import (LOSSES, ExitForward, FinetuneStats, Pair, TokenExitFn,
+                                     check_finetune_settings, finetune_generation)
+from raee.weights import check_state, save_state
 
-log = logging.getLogger("raee.generation.finetune")
+#: attribute set on a backbone whose weights a fine-tune loaded: that fine-tune's key (None = as loaded)
+WEIGHTS_ORIGIN = "weights_origin"
+#: attribute holding the fine-tune in place: (its key, the origin it started from, its result)
+IN_PLACE = "_raee_finetune"
 
-#: the fine-tuning losses
-LOSSES = ("last", "joint", "token_exits")
-
-#: (prompt ids, target ids) of one training example; the target ends with the end-of-sequence token
-Pair = tuple[Sequence[int], Sequence[int]]
-
-#: how a batch's tokens get their exit layers: (input_ids (B, T), attention_mask (B, T)) -> (B, T) layers 1..L
-TokenExitFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-#: one decoder layer with per-token exits, differentiable and cache-free:
-#: (backbone, layer 1..L, state of layer - 1, token_exit (B, T)) -> (B, T, H) hidden states of ``layer``
-TokenExitLayer = Callable[[LayerwiseBackbone, int, LayerState, torch.Tensor], torch.Tensor]
+#: the entries' sub-directory of the cache
+CACHE_SUBDIR = "generation_finetune"
 
 
-def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``prompt + target`` sequences.
+@dataclass(frozen=True)
+class GenerationFinetune:
+    """One fine-tune's settings: the loss and the shared ``finetune`` budget (conf/config.yaml).
 
-    Returns input_ids (B, T), attention_mask (B, T) and target_mask (B, T) bool (True at target tokens).
+    loss: "last", "joint" (CALM) or "token_exits" (HashEE; see :mod:`raee.generation.trainer`).
+    batch_size: examples per optimiser step.
     """
-    if not pairs:
-        raise UserError("no training pairs: the train split is empty")
-    lengths = [len(p) + len(t) for p, t in pairs]
-    T = max(lengths)
-    ids = torch.full((len(pairs), T), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(pairs), T), dtype=torch.long)
-    target = torch.zeros((len(pairs), T), dtype=torch.bool)
-    for i, (prompt, tgt) in enumerate(pairs):
-        if not len(prompt) or not len(tgt):
-            raise UserError(f"training pair {i} has an empty {'prompt' if not len(prompt) else 'target'}: every "
-                            "example needs a source text and a target text")
-        n = len(prompt) + len(tgt)
-        ids[i, :n] = torch.tensor([*prompt, *tgt], dtype=torch.long)
-        mask[i, :n] = 1
-        target[i, len(prompt):n] = True
-    return {"input_ids": ids, "attention_mask": mask, "target_mask": target}
 
+    loss: str = "last"
+    max_epochs: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    gradient_clip_val: float | None = 1.0
+    batch_size: int = 8
+    max_steps: int = -1
+    seed: int = 42
 
-def masked_token_exit_layer(backbone: LayerwiseBackbone, layer: int, state: LayerState,
-                            token_exit: torch.Tensor) -> torch.Tensor:
-    """Reference form of a decoder layer with per-token exits: the model's own layer on every token, then
-    tokens whose exit layer is below ``layer`` keep their input state (the copy). Keys and values of such a
-    token come from its copied state, as in the decoding loop; its query and feed-forward are computed here
-    but thrown away (training only: the decoding loop never computes them). Returns (B, T, H)."""
-    out = backbone.run_layer(state).hidden
-    active = (token_exit >= layer).unsqueeze(-1)
-    return torch.where(active, out, state.hidden)
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise UserError(f"fine-tuning loss {self.loss!r} is unknown: choose one of {list(LOSSES)}")
 
+    @classmethod
+    def from_settings(cls, loss: str, settings: Mapping[str, Any], batch_size: int = 8) -> GenerationFinetune:
+        """The fields of ``settings`` (a strategy's budget: max_epochs, lr, warmup, weight_decay, seed, max_steps,
+        gradient_clip_val, batch_size; others are ignored here) with ``batch_size`` as the default batch size."""
+        known = {k: settings[k] for k in ("max_epochs", "lr", "weight_decay", "warmup", "gradient_clip_val",
+                                          "batch_size", "max_steps", "seed") if settings.get(k) is not None}
+        known.setdefault("batch_size", int(batch_size))
+        return cls(loss=loss, **known)
 
-def forward_with_exits(backbone: LayerwiseBackbone, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       token_exit: torch.Tensor, step: TokenExitLayer = masked_token_exit_layer) -> torch.Tensor:
-    """Teacher-forced forward pass with token exits: (B, T, H) states of layer L, an exited token holding
-    the state of its exit layer. token_exit: (B, T) exit layer of every position (1..L)."""
-    state = backbone.embed(input_ids, attention_mask)
-    for layer in range(1, backbone.num_layers + 1):
-        hidden = step(backbone, layer, state, token_exit)
-        state = LayerState(hidden=hidden, attention_mask=state.attention_mask, input_ids=state.input_ids,
-                           layer=layer, extras=state.extras)
-    return state.hidden
+    def settings(self) -> dict[str, Any]:
+        """What enters the cache key."""
+        return asdict(self)
 
-
-def lm_parameters(backbone: LayerwiseBackbone) -> list[torch.nn.Parameter]:
-    """The backbone's parameters plus its LM head's, each once (a tied head shares the embedding matrix)."""
-    seen: set[int] = set()
-    out = []
-    modules = [backbone.model] + ([backbone.lm_head] if backbone.lm_head is not None else [])
-    for module in modules:
-        for p in module.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
-
-
-class GenerationFinetuning(L.LightningModule):
-    """One of :data:`LOSSES` on a batch of :func:`collate_pairs`."""
-
-    def __init__(self, backbone: LayerwiseBackbone, loss: str, lr: float, weight_decay: float, warmup: float,
-                 token_exits: TokenExitFn | None = None, exit_scope: str = "all",
-                 step: TokenExitLayer = masked_token_exit_layer) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.lm_head = backbone.lm_head
-        self.loss_name, self.token_exits, self.exit_scope, self.step = loss, token_exits, exit_scope, step
-        self.lr, self.weight_decay, self.warmup = lr, weight_decay, warmup
-        self.layer_losses: torch.Tensor | None = None  # (L,) running mean of the joint loss's layers
-        self.last_loss: float | None = None
-
-    def exit_layers(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, T) exit layer of every position; with exit_scope="prompt" the target tokens (the generated
-        ones at decoding time) run every layer."""
-        exits = self.token_exits(batch["input_ids"], batch["attention_mask"]).to(batch["input_ids"].device)
-        if self.exit_scope == "prompt":
-            exits = torch.where(batch["target_mask"], torch.full_like(exits, self.backbone.num_layers), exits)
-        return exits
-
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        ids, mask, target = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
-        if self.loss_name == "token_exits":
-            hidden = forward_with_exits(self.backbone, ids, mask, self.exit_layers(batch), self.step)
-            return last_layer_loss(self.backbone, hidden, target, ids)
-        states = self.backbone.all_layers(ids, mask)
-        if self.loss_name == "last":
-            return last_layer_loss(self.backbone, states[-1].hidden, target, ids)
-        loss, per_layer = joint_loss(self.backbone, [s.hidden for s in states[1:]], target, ids)
-        self.layer_losses = per_layer if self.layer_losses is None else 0.9 * self.layer_losses + 0.1 * per_layer
-        return loss
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch)
-        self.last_loss = float(loss.detach())
-        self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["input_ids"].shape[0]))
-        return loss
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        groups = parameter_groups(lm_parameters(self.backbone), self.lr, self.weight_decay)
-        return warmup_linear_adamw(groups, self.trainer.estimated_stepping_batches, self.warmup)
+    def budget(self, stats: FinetuneStats | None) -> dict[str, Any]:
+        """The budget line of a run's summary (the fields every fine-tuned method reports)."""
+        return {"by": f"generation fine-tune ({self.loss} loss)", "epochs": self.max_epochs,
+                "steps": stats.steps if stats else 0, "lr": self.lr, "head_lr": self.lr, "warmup": self.warmup,
+                "weight_decay": self.weight_decay, "seed": self.seed, "batch_size": self.batch_size,
+                "examples": stats.examples if stats else 0,
+                "seconds": round(stats.seconds, 1) if stats else None}
 
 
 @dataclass
-class ProgressLog(L.Callback):
-    """Logs steps done, examples/s, time spent and left, and the loss every ``every_s`` seconds and at the end
-    (to the ``raee`` logger: the job's log file and the console)."""
+class FinetuneResult:
+    """A fine-tune in place in the backbone: where it is cached and what it did."""
 
-    every_s: float = 30.0
-    what: str = "fine-tune"
-    started: float = field(default=0.0, init=False)
-    last: float = field(default=0.0, init=False)
-    examples: int = field(default=0, init=False)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.started = self.last = time.perf_counter()
-        self.examples = 0
-        log.info("%s: %d optimiser steps", self.what, trainer.estimated_stepping_batches)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self.examples += int(batch["input_ids"].shape[0])
-        now = time.perf_counter()
-        if now - self.last >= self.every_s:
-            self.last = now
-            log.info("%s", self.line(trainer, pl_module, now))
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        log.info("%s (done)", self.line(trainer, pl_module, time.perf_counter()))
-
-    def line(self, trainer: L.Trainer, pl_module: L.LightningModule, now: float) -> str:
-        step, total = int(trainer.global_step), max(int(trainer.estimated_stepping_batches), 1)
-        spent = now - self.started
-        left = spent / step * (total - step) if step else float("nan")
-        loss = getattr(pl_module, "last_loss", None)
-        return (f"{self.what}: step {step}/{total} ({100 * step / total:.0f}%), {self.examples / max(spent, 1e-9):.2f} "
-                f"examples/s, {format_seconds(spent)} spent, ~{format_seconds(left)} left"
-                + (f", loss {loss:.4f}" if loss is not None else ""))
+    directory: Path
+    key: str
+    loaded: bool  # True: reloaded from the cache; False: trained now
+    stats: FinetuneStats
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def format_seconds(seconds: float) -> str:
-    """'1h02m', '4m05s', '12s' (or '?' when unknown)."""
-    if seconds != seconds or seconds < 0:  # nan
-        return "?"
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
+def pairs_digest(pairs: Sequence[Pair]) -> str:
+    """sha256 of the training pairs' token ids (order included)."""
+    h = hashlib.sha256()
+    for prompt, target in pairs:
+        h.update(json.dumps([list(map(int, prompt)), list(map(int, target))]).encode())
+        h.update(b"\n")
+    return h.hexdigest()
 
 
-@dataclass
-class FinetuneStats:
-    """What one fine-tune did (saved beside its weights)."""
+def finetune_key(backbone: LayerwiseBackbone, pairs: Sequence[Pair], settings: GenerationFinetune,
+                 exits: dict[str, Any] | None = None, start: str | None | bool = False) -> str:
+    """The content key of a fine-tune (see the module docstring). start: the key of the weights it starts from
+    (default: those the backbone holds now)."""
+    from raee.experiment import fingerprint
 
-    steps: int
-    examples: int
-    seconds: float
-    final_loss: float | None
-    layer_losses: list[float] | None = None
-
-    @property
-    def examples_per_s(self) -> float:
-        return self.examples / self.seconds if self.seconds else 0.0
+    if start is False:
+        start = getattr(backbone, WEIGHTS_ORIGIN, None)
+    return fingerprint({"method": "generation_finetune", "settings": settings.settings(), "exits": exits,
+                        "backbone": backbone.describe(), "start": start,
+                        "data": {"examples": len(pairs), "digest": pairs_digest(pairs)}})
 
 
-def finetune_generation(backbone: LayerwiseBackbone, pairs: Sequence[Pair], *, loss: str = "last",
-                        token_exits: TokenExitFn | None = None, exit_scope: str = "all",
-                        step: TokenExitLayer = masked_token_exit_layer, batch_size: int = 8, max_epochs: int = 1,
-                        lr: float = 5e-5, weight_decay: float = 0.01, warmup: float = 0.1,
-                        gradient_clip_val: float | None = 1.0, max_steps: int = -1, seed: int = 42,
-                        progress: bool = True, log_every_s: float = 30.0) -> FinetuneStats:
-    """``trainer.fit`` of backbone + LM head on ``pairs`` with ``loss``; afterwards the backbone is frozen, in
-    eval mode and on the device it started on.
+def _lm_head_tied(backbone: LayerwiseBackbone) -> bool:
+    weight = getattr(backbone.lm_head, "weight", None)
+    return weight is not None and weight is backbone.model.get_input_embeddings().weight
 
-    token_exits / exit_scope / step: loss="token_exits" only (see :class:`GenerationFinetuning`).
+
+def save_finetune(directory: Path, backbone: LayerwiseBackbone, settings: GenerationFinetune, stats: FinetuneStats,
+                  key: str, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Weights (safetensors: the model, the LM head when it is not tied to the embeddings, ``extra``) and meta.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_state(directory / "model.safetensors", backbone.model.state_dict())
+    if backbone.lm_head is not None and not _lm_head_tied(backbone):
+        save_state(directory / "lm_head.safetensors", backbone.lm_head.state_dict())
+    if extra:
+        save_state(directory / "extra.safetensors", extra)
+    meta = {"method": "generation_finetune", "key": key, "settings": settings.settings(), "backbone": backbone.name,
+            "num_layers": backbone.num_layers,
+            "vocab_size": int(backbone.model.get_input_embeddings().weight.shape[0]),
+            "stats": asdict(stats) | {"examples_per_s": stats.examples_per_s}}
+    atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2))
+
+
+def load_finetune(directory: Path, backbone: LayerwiseBackbone, settings: GenerationFinetune) -> FinetuneResult:
+    """Load a saved fine-tune into ``backbone``; everything is read and checked before the model changes."""
+    meta_path = directory / "meta.json"
+    if not meta_path.exists():
+        raise MissingFileError(f"no generation fine-tune at {directory} (meta.json missing): point the checkpoint "
+                               "at a directory a finished fine-tune wrote, or leave it unset to train one")
+    meta = json.loads(meta_path.read_text())
+    vocab_size = int(backbone.model.get_input_embeddings().weight.shape[0])
+    problems = []
+    if meta["num_layers"] != backbone.num_layers:
+        problems.append(f"{meta['num_layers']} layers (backbone has {backbone.num_layers})")
+    if meta["vocab_size"] != vocab_size:
+        problems.append(f"a vocabulary of {meta['vocab_size']} (backbone has {vocab_size})")
+    if meta["settings"].get("loss") != settings.loss:
+        problems.append(f"the {meta['settings'].get('loss')} loss (asked for {settings.loss})")
+    if problems:
+        raise UserError(f"generation fine-tune {directory} was made for " + ", ".join(problems)
+                        + ": point the checkpoint elsewhere (or delete it) to train a matching one")
+    device = str(backbone.device)
+    weights = load_file(str(directory / "model.safetensors"), device=device)
+    check_state(backbone.model.state_dict(), weights, directory / "model.safetensors")
+    head_file = directory / "lm_head.safetensors"
+    head = None
+    if backbone.lm_head is not None and not _lm_head_tied(backbone):
+        if not head_file.exists():
+            raise MissingFileError(f"{head_file} is missing: the backbone's LM head is not tied to its embeddings")
+        head = load_file(str(head_file), device=device)
+        check_state(backbone.lm_head.state_dict(), head, head_file)
+    extra_file = directory / "extra.safetensors"
+    extra = load_file(str(extra_file)) if extra_file.exists() else {}
+    backbone.model.load_state_dict(weights)
+    if head is not None:
+        backbone.lm_head.load_state_dict(head)
+    backbone.requires_grad_(False)
+    backbone.eval()
+    stats = meta["stats"]
+    return FinetuneResult(directory=directory, key=meta["key"], loaded=True, extra=extra,
+                          stats=FinetuneStats(steps=stats["steps"], examples=stats["examples"],
+                                              seconds=stats["seconds"], final_loss=stats["final_loss"],
+                                              layer_losses=stats.get("layer_losses")))
+
+
+def cached_finetune(backbone: LayerwiseBackbone, pairs: Sequence[Pair], settings: GenerationFinetune, *,
+                    token_exits: TokenExitFn | None = None, exits: dict[str, Any] | None = None,
+                    extra: dict[str, torch.Tensor] | None = None, exit_forward: ExitForward | None = None,
+                    cache_dir: str | Path | None = "artifacts/cache", checkpoint: str | Path | None = None,
+                    progress: bool = True) -> FinetuneResult:
+    """Fine-tune ``backbone`` on ``pairs`` once per content, reloading the saved weights on later calls.
+
+    token_exits: loss="token_exits" only; exits: a JSON-able description of them for the key (HashEE's hash
+    settings); extra: tensors saved beside the weights and handed back on reload (a HashEE token map).
+    checkpoint: a directory the user names (refused when damaged) instead of the content-keyed cache entry.
+    Afterwards the backbone holds the fine-tuned weights, frozen and in eval mode, and remembers the entry's
+    key (:data:`WEIGHTS_ORIGIN`), so that a fine-tune started from these weights gets a key of its own. Asking
+    for the fine-tune that is already in place (same content, same start) returns it without touching the weights.
     """
-    check_finetune_settings(loss, token_exits, exit_scope, max_epochs, lr, warmup, batch_size)
-    if backbone.lm_head is None:
-        raise UserError(f"backbone '{backbone.name}' has no LM head: generation fine-tuning needs a causal LM "
-                        "with its LM head (e.g. backbone=smollm2)")
-    device = backbone.device
-    L.seed_everything(seed, workers=True, verbose=False)
-    pad_id = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
-    loader = DataLoader(list(pairs), batch_size=batch_size, shuffle=True,
-                        collate_fn=lambda b: collate_pairs(b, pad_id),
-                        generator=torch.Generator().manual_seed(seed))
-    module = GenerationFinetuning(backbone, loss, lr=lr, weight_decay=weight_decay, warmup=warmup,
-                                  token_exits=token_exits, exit_scope=exit_scope, step=step)
-    reporter = ProgressLog(every_s=log_every_s, what=f"fine-tune ({loss} loss, {len(pairs)} examples)")
-    callbacks: list[Any] = [reporter] + ([labelled_progress_bar()] if progress else [])
-    trainer = L.Trainer(max_epochs=max_epochs, max_steps=max_steps,
-                        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=progress, callbacks=callbacks,
-                        enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=gradient_clip_val)
-    for p in lm_parameters(backbone):
-        p.requires_grad_(True)
-    backbone.train()
-    started = time.perf_counter()
-    try:
-        trainer.fit(module, train_dataloaders=loader)
-    finally:
-        # Lightning's teardown moves the module to the CPU; put everything back as it was
-        for p in lm_parameters(backbone):
-            p.requires_grad_(False)
-        backbone.to(device)
-        if backbone.lm_head is not None:
-            backbone.lm_head.to(device)
-        backbone.eval()
-    layer_losses = module.layer_losses.tolist() if module.layer_losses is not None else None
-    return FinetuneStats(steps=int(trainer.global_step), examples=reporter.examples,
-                         seconds=time.perf_counter() - started, final_loss=module.last_loss,
-                         layer_losses=layer_losses)
+    check_finetune_settings(settings.loss, token_exits, settings.max_epochs, settings.lr, settings.warmup,
+                            settings.batch_size)
+    in_place = getattr(backbone, IN_PLACE, None)
+    if in_place is not None and getattr(backbone, WEIGHTS_ORIGIN, None) == in_place[0]:
+        key_then = finetune_key(backbone, pairs, settings, exits, start=in_place[1])
+        if key_then == in_place[0]:
+            return in_place[2]
+    start = getattr(backbone, WEIGHTS_ORIGIN, None)
+    key = finetune_key(backbone, pairs, settings, exits)
+    directory = Path(checkpoint) if checkpoint else Path(cache_dir or "artifacts/cache") / CACHE_SUBDIR / key
+    trained: list[FinetuneStats] = []
+
+    def build(tmp: Path) -> None:
+        stats = finetune_generation(
+            backbone, pairs, loss=settings.loss, token_exits=token_exits, exit_forward=exit_forward,
+            batch_size=settings.batch_size, max_epochs=settings.max_epochs, lr=settings.lr,
+            weight_decay=settings.weight_decay, warmup=settings.warmup,
+            gradient_clip_val=settings.gradient_clip_val, max_steps=settings.max_steps, seed=settings.seed,
+            progress=progress)
+        trained.append(stats)
+        save_finetune(tmp, backbone, settings, stats, key, extra)
+
+    result = load_or_build(directory, build, lambda d: load_finetune(d, backbone, settings),
+                           auto=not checkpoint, what="generation fine-tune")
+    result.loaded = not trained
+    setattr(backbone, WEIGHTS_ORIGIN, result.key)
+    setattr(backbone, IN_PLACE, (result.key, start, result))
+    return result
 
 
-def check_finetune_settings(loss: str, token_exits: TokenExitFn | None, exit_scope: str, max_epochs: int,
-                            lr: float, warmup: float, batch_size: int) -> None:
-    """A clear error for settings no fine-tune can run with."""
-    if loss not in LOSSES:
-        raise UserError(f"fine-tuning loss {loss!r} is unknown: choose one of {list(LOSSES)}")
-    if loss == "token_exits" and token_exits is None:
-        raise UserError("loss=token_exits needs the token exits (a function of the input ids giving each token's "
-                        "exit layer, e.g. HashEE's hash)")
-    if exit_scope not in ("all", "prompt"):
-        raise UserError(f"exit_scope={exit_scope!r}: use all (prompt and generated tokens exit by hash) or prompt "
-                        "(only prompt tokens do; generated tokens run every layer)")
-    if max_epochs < 1:
-        raise UserError(f"finetune.max_epochs={max_epochs} must be >= 1 for a generation fine-tune "
-                        "(use the zero-shot model to skip fine-tuning)")
-    if lr <= 0:
-        raise UserError(f"finetune.lr={lr} must be a positive learning rate")
-    if not 0.0 <= warmup < 1.0:
-        raise UserError(f"finetune.warmup={warmup} is the warm-up share of the steps: give 0 <= warmup < 1")
-    if batch_size < 1:
-        raise UserError(f"batch_size={batch_size} must be >= 1")
+def training_pairs(head: Any, datamodule: Any) -> list[Pair]:
+    """(prompt ids, target ids + end id) of every training example, encoded by the bound ``head=lm``
+    (:class:`raee.generation.prompts.LMHead`) exactly as the decoding loop will see them."""
+    train = datamodule.split("train")
+    targets = getattr(train, "targets", None)
+    if targets is None:
+        raise UserError("a generation fine-tune needs (source, target) pairs: set data.task_type=generation and "
+                        "data.target_column (data=bbcnews_headlines has both)")
+    pairs = []
+    for source, target in zip(train.texts, targets):
+        ids, prompt_len = head.encode_example(source, target)
+        pairs.append((ids[:prompt_len], ids[prompt_len:]))
+    return pairs
+
+
+def finetune_lm(backbone: LayerwiseBackbone, head: Any, datamodule: Any, *, loss: str,
+                token_exits: TokenExitFn | None = None, settings: Mapping[str, Any],
+                cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune ``backbone`` (and its LM head) on the data module's training pairs, once per content, and leave
+    the fine-tuned weights in it. What the generation strategies' ``fit()`` and a run's shared fine-tune call.
+
+    loss: "last", "joint" or "token_exits" (then ``token_exits`` gives every token's exit layer);
+    settings: the budget (max_epochs, lr, warmup, weight_decay, seed, max_steps, gradient_clip_val, batch_size:
+    default the data module's) and, for token exits, whatever else decides them (a HashEE strategy's settings:
+    they key the cache too); ``settings["checkpoint"]``: a directory to save to / reload from instead of the cache.
+    Returns the budget record a run's summary reports (``by, epochs, steps, lr, head_lr, warmup, weight_decay,
+    seed, batch_size, examples, seconds``, plus ``cache``: the entry's directory, ``loaded``: reused or trained now).
+    """
+    budget = GenerationFinetune.from_settings(loss, settings, getattr(datamodule, "batch_size", 8) or 8)
+    pairs = training_pairs(head, datamodule)
+    exits = ({k: v for k, v in settings.items() if k != "checkpoint"} if loss == "token_exits" else None)
+    result = cached_finetune(backbone, pairs, budget, token_exits=token_exits, exits=exits, cache_dir=cache_dir,
+                             checkpoint=settings.get("checkpoint"), progress=progress)
+    return budget.budget(result.stats) | {"cache": str(result.directory), "loaded": result.loaded}
