@@ -61,7 +61,7 @@ class HashEEExit(PlannedExit):
                  max_epochs: int = 1, lr: float = 2e-5, head_lr: float | None = None, weight_decay: float = 0.01,
                  warmup: float = 0.1, gradient_clip_val: float | None = 1.0,
                  limit_train_batches: int | float | None = None, max_steps: int = -1,
-                 kmeans_iterations: int = 10, checkpoint: str | None = None) -> None:
+                 kmeans_iterations: int = 10, checkpoint: str | None = None, tokens: str = "all") -> None:
         if hash not in STRATEGY_HASHES:
             raise UserError(f"exit.hash={hash!r} is not a HashEE hash: choose one of {list(STRATEGY_HASHES)}")
         if lr <= 0 or (head_lr is not None and head_lr <= 0):
@@ -87,6 +87,7 @@ class HashEEExit(PlannedExit):
         self.limit_train_batches, self.max_steps = limit_train_batches, int(max_steps)
         self.kmeans_iterations = int(kmeans_iterations)
         self.checkpoint = checkpoint
+        self.tokens = tokens  # generation tasks only (raee.generation.hashee): which tokens are hashed
         self.plan_layer = 0
         self.token_to_layer: torch.Tensor | None = None  # (V,) long, 1..L (type hashes); None per occurrence
         self.special_ids: list[int] = []  # never exit early (per-occurrence hash)
