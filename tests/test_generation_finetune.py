@@ -22,6 +22,8 @@ from raee.generation.lm_losses import (calm_weights, joint_loss, last_layer_loss
                                        prediction_positions)
 from tests.conftest import TINY_CONFIGS
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 PAIRS = [([5, 17, 23, 42, 8], [101, 102, 2]), ([7, 9], [300, 2]), ([11, 12, 13], [400, 401, 402, 2]),
          ([21, 22, 23, 24], [500, 2])]
 

@@ -103,6 +103,7 @@ def build_generation_summary(run: SplitRun, strategy: GenerationExit, backbone: 
         "max_new_tokens": getattr(datamodule, "max_new_tokens", None),
         "max_source_tokens": head.max_source_tokens, "budget": strategy.budget(),
         "calibration": calibration_record(strategy), "strategy_stats": stats.get("strategy_stats"),
+        **strategy.report(stats.get("strategy_stats")),
         "status": "ok", "version": raee.__version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return {k: _clean(v) for k, v in summary.items()}
@@ -154,6 +155,9 @@ def format_generation_summary(summary: dict[str, Any]) -> str:
         f"{num(summary.get('decode_flops_per_token'), '.3g')}   wall-clock: {num(summary['wall_time_s'], '.3f')} s"
         f" (full model {num(summary.get('full_wall_time_s'), '.3f')} s)",
     ]
+    if summary.get("acceptance_rate") is not None:
+        lines.append(f"  drafts accepted: {num(100 * summary['acceptance_rate'], '.1f')}%   tokens per verification "
+                     f"pass: {num(summary.get('tokens_per_round'))}")
     if summary.get("budget"):
         b = summary["budget"]
         lines.append(f"  fine-tuned by {b.get('by')}: {b.get('epochs')} epochs, {b.get('steps')} steps, lr "
