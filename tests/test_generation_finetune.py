@@ -336,3 +336,44 @@ def test_finetune_lm_trains_on_the_data_modules_pairs_as_the_lm_head_encodes_the
     d = finetune_lm(copy.deepcopy(tiny_lms["llama"]), head, dm, loss="joint",
                     settings={"max_epochs": 1, "method": "shared"}, cache_dir=tmp_path / "cache")
     assert c["cache"] == d["cache"] and d["loaded"]  # one joint fine-tune, whoever asks for it
+
+
+def test_head_finetune_is_the_runs_shared_model_and_hashee_keeps_its_own(tiny_lms, tmp_path):
+    import pandas as pd
+
+    from raee.data import TextClassificationDataModule
+    from raee.generation import FullGeneration, LMHead
+    from raee.generation.experiment import run_generation_experiment
+    from raee.generation.hashee import HashEEGeneration
+    from raee.hashee.strategy import HashEEExit
+
+    frame = pd.DataFrame({"article": [f"article {i} about the markets" for i in range(16)],
+                          "headline": [f"markets {i}" for i in range(16)]})
+    frame.to_csv(tmp_path / "pairs.csv", index=False)
+    dm = TextClassificationDataModule("local", file=str(tmp_path / "pairs.csv"), text_column="article",
+                                      target_column="headline", task_type="generation", batch_size=4,
+                                      max_new_tokens=4)
+    budget = {"max_epochs": 1, "lr": 1e-3, "warmup": 0.1, "weight_decay": 0.01, "seed": 3}
+    with pytest.raises(UserError, match="head.finetune"):
+        LMHead(finetune="kl")
+    bb = copy.deepcopy(tiny_lms["llama"])
+    start = weights_of(bb)
+    head = LMHead(finetune="joint", budget=budget)
+    summary = run_generation_experiment(bb, head, FullGeneration(), dm, output_dir=tmp_path / "full",
+                                        cache_dir=tmp_path / "cache", progress=False, compare_full=False)
+    assert summary["budget"]["by"] == "generation fine-tune (joint loss)" and summary["budget"]["seed"] == 3
+    assert head.describe()["finetune"] == {"loss": "joint", **budget}
+    assert any(not torch.equal(start[k], v) for k, v in weights_of(bb).items())
+    # HashEE fine-tunes its own copy from the starting weights: the run's shared fine-tune is not applied first
+    bb2 = copy.deepcopy(tiny_lms["llama"])
+    hashee = HashEEGeneration(HashEEExit(hash="none", last_layer=None, max_epochs=1, lr=1e-3))
+    calls = []
+    original = LMHead.fit
+    LMHead.fit = lambda self, *a, **k: calls.append(1)  # noqa: E731
+    try:
+        run_generation_experiment(bb2, LMHead(finetune="joint", budget=budget), hashee, dm,
+                                  output_dir=tmp_path / "hashee", cache_dir=tmp_path / "cache", progress=False,
+                                  compare_full=False)
+    finally:
+        LMHead.fit = original
+    assert not calls and hashee.budget()["by"] == "generation fine-tune (token_exits loss)"

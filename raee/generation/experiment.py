@@ -101,7 +101,7 @@ def build_generation_summary(run: SplitRun, strategy: GenerationExit, backbone: 
         if f.get("decode_tokens_per_s") and stats["decode_tokens_per_s"] else None,
         "full_reference": "full" if full is not None else None,
         "max_new_tokens": getattr(datamodule, "max_new_tokens", None),
-        "max_source_tokens": head.max_source_tokens, "budget": strategy.budget(),
+        "max_source_tokens": head.max_source_tokens, "budget": strategy.budget() or head.budget(),
         "calibration": calibration_record(strategy), "strategy_stats": stats.get("strategy_stats"),
         **strategy.report(stats.get("strategy_stats")),
         "status": "ok", "version": raee.__version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -187,6 +187,8 @@ def run_generation_experiment(backbone: Any, head: Any, strategy: Any, datamodul
     generator = for_generation(strategy)
     lm_head.bind(backbone, datamodule)
     generator.validate(backbone.num_layers)
+    if not getattr(generator, "own_finetune", False):  # HashEE trains its own copy from the starting weights
+        lm_head.fit(backbone, datamodule, cache_dir=cache_dir, progress=progress)
     generator.fit(backbone, lm_head, datamodule, cache_dir=cache_dir, progress=progress)
     full = None
     if compare_full and not isinstance(generator, FullGeneration):
