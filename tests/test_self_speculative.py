@@ -177,3 +177,46 @@ def test_a_run_reports_identical_output_acceptance_and_flops(tiny_backbones, tmp
     assert summary["flops_speedup"] < 1 and summary["mean_exit_layer"] == bb.num_layers
     assert "drafts accepted" in format_generation_summary(summary)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["acceptance_rate"] == summary["acceptance_rate"]
+
+
+def test_a_draft_vocabulary_changes_the_cost_never_the_output(tiny_backbones, tmp_path):
+    bb = damp_upper_layers(tiny_backbones["llama"], 2, 0.0)
+    prompts = random_prompts(4, seed=21)
+    full = run(bb, FullGeneration(), prompts, 10)
+    plain, _ = speculative(bb, prompts, 10, 2, 3)
+    written = sorted({t for row in full.tokens for t in row})
+    covered = SelfSpeculativeGeneration(draft_layer=2, draft_tokens=3, draft_vocab=len(written))
+    covered.use_draft_vocab(written)
+    narrow = run(bb, covered, prompts, 10)
+    assert narrow.tokens == full.tokens and acceptance_summary(narrow.stats)["acceptance_rate"] == 1.0
+    assert narrow.flops.macs["decode"] < plain.flops.macs["decode"]  # the drafts read fewer LM-head rows
+    assert covered.knobs() == {"draft_layer": 2, "draft_tokens": 3, "draft_vocab": len(written)}
+    elsewhere = SelfSpeculativeGeneration(draft_layer=2, draft_tokens=3, draft_vocab=2)
+    elsewhere.use_draft_vocab([t for t in range(5, 40) if t not in written][:2])
+    missed = run(bb, elsewhere, prompts, 10)
+    assert missed.tokens == full.tokens and acceptance_summary(missed.stats)["acceptance_rate"] == 0.0
+    with pytest.raises(RuntimeError, match="fit"):
+        run(bb, SelfSpeculativeGeneration(draft_layer=2, draft_vocab=5), prompts, 3)
+    with pytest.raises(UserError, match="draft_vocab"):
+        SelfSpeculativeGeneration(draft_vocab=0)
+
+
+def test_fit_builds_the_draft_vocabulary_from_the_training_targets(tiny_backbones, tmp_path):
+    import pandas as pd
+
+    from raee.data import TextClassificationDataModule
+    from raee.generation import LMHead
+
+    frame = pd.DataFrame({"article": [f"article {i} on the markets" for i in range(20)],
+                          "headline": ["markets fall" if i % 2 else "markets rise again" for i in range(20)]})
+    frame.to_csv(tmp_path / "pairs.csv", index=False)
+    dm = TextClassificationDataModule("local", file=str(tmp_path / "pairs.csv"), text_column="article",
+                                      target_column="headline", task_type="generation")
+    bb = tiny_backbones["llama"]
+    head = LMHead()
+    head.bind(bb, dm)
+    strategy = SelfSpeculativeGeneration(draft_layer=1, draft_vocab=2)
+    strategy.fit(bb, head, dm)
+    markets = head.encode_target("markets")[:-1]
+    assert len(markets) == 1  # one token, in every target, as often as the end token: those two lead
+    assert set(strategy.draft_ids.tolist()) == {markets[0], head.end_id} | head.end_ids

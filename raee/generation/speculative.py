@@ -15,6 +15,11 @@ Greedy output is the full model's, token for token (tests check it against ``exi
 saves a full decoding step. Batches are decoded one sequence at a time (rows would accept different numbers of
 drafts); the speed-ups are measured at batch 1.
 
+``draft_vocab=K`` (optional, not in LayerSkip): the drafts read only the K vocabulary rows most frequent in the
+training targets (and the end tokens), as FR-Spec (Zhao et al. 2025) does for large vocabularies. A small model's
+LM head is a large share of one token's cost (SmolLM2: 49,152 x 576, about as much as 8 of its 30 layers), and
+every draft reads it; the verification still reads the whole vocabulary, so the output stays the full model's.
+
 Why not transformers' ``generate(..., assistant_early_exit=E)`` (its ``EarlyExitCandidateGenerator``): it drives
 the Hugging Face ``*ForCausalLM`` (raee's layerwise backbones hold the base model and the LM head apart), it
 truncates the model through ``config.num_hidden_layers`` (the Llama family only: GPT-2's loop ignores it), and the
@@ -35,10 +40,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
+from raee.backbones.lm_head import split_lm_head
 from raee.errors import UserError
 from raee.generation.decode import GenerationOutput, KVCache
 from raee.generation.flops import FlopsCount, LayerCosts
@@ -81,13 +89,18 @@ class SelfSpeculativeGeneration(GenerationExit):
 
     name = "self_speculative"
 
-    def __init__(self, draft_layer: int | float = 0.25, draft_tokens: int = 4) -> None:
+    def __init__(self, draft_layer: int | float = 0.25, draft_tokens: int = 4, draft_vocab: int | None = None) -> None:
         super().__init__()
         if isinstance(draft_tokens, bool) or int(draft_tokens) < 1:
             raise UserError(f"exit.draft_tokens={draft_tokens!r} must be >= 1 (tokens drafted per round)")
+        if draft_vocab is not None and (isinstance(draft_vocab, bool) or int(draft_vocab) < 1):
+            raise UserError(f"exit.draft_vocab={draft_vocab!r} must be a number of vocabulary rows >= 1, or null (the "
+                            "drafts read the whole vocabulary)")
         self.draft_setting = draft_layer
         self.draft_tokens = int(draft_tokens)
+        self.draft_vocab = None if draft_vocab is None else int(draft_vocab)
         self.draft_layer: int | None = None
+        self.draft_ids: torch.Tensor | None = None  # (K,) the rows the drafts read (draft_vocab), most frequent first
 
     def validate(self, num_layers: int) -> None:
         if num_layers < 2:
@@ -96,8 +109,27 @@ class SelfSpeculativeGeneration(GenerationExit):
         self.draft_layer = resolve_draft_layer(self.draft_setting, num_layers)
 
     def knobs(self) -> dict[str, Any]:
-        return {"draft_layer": self.draft_layer if self.draft_layer is not None else self.draft_setting,
-                "draft_tokens": self.draft_tokens}
+        knobs = {"draft_layer": self.draft_layer if self.draft_layer is not None else self.draft_setting,
+                 "draft_tokens": self.draft_tokens}
+        return knobs | ({"draft_vocab": self.draft_vocab} if self.draft_vocab is not None else {})
+
+    def fit(self, backbone: Any, head: Any, datamodule: Any, cache_dir: Any = None, progress: bool = True) -> None:
+        """With ``draft_vocab``: the rows the drafts read, the K token ids most frequent in the training targets as
+        ``head`` encodes them (ties by id), plus the end tokens."""
+        if self.draft_vocab is None:
+            return
+        counts: Counter[int] = Counter()
+        for target in datamodule.split("train").targets or []:
+            counts.update(head.encode_target(target))
+        self.use_draft_vocab([i for i, _ in sorted(counts.items(), key=lambda c: (-c[1], c[0]))][: self.draft_vocab],
+                             head.end_ids)
+
+    def use_draft_vocab(self, token_ids: list[int], always: set[int] | None = None) -> None:
+        """Let the drafts read only ``token_ids`` (and ``always``, e.g. the end tokens)."""
+        ids = list(dict.fromkeys([*map(int, token_ids), *sorted(always or ())]))
+        if not ids:
+            raise UserError("exit.draft_vocab: the training targets hold no token to draft")
+        self.draft_ids = torch.tensor(ids, dtype=torch.long)
 
     def wall_clock_reference(self) -> GenerationExit:
         return FullGeneration()
@@ -119,7 +151,10 @@ class SelfSpeculativeGeneration(GenerationExit):
         if backbone.lm_head is None:
             raise UserError(f"backbone '{backbone.name}' has no language-model head, so it cannot generate text: use "
                             "a causal LM with its head, e.g. backbone=smollm2")
-        run = _Rounds(backbone, self.draft_layer, self.draft_tokens)
+        if self.draft_vocab is not None and self.draft_ids is None:
+            raise RuntimeError("exit.draft_vocab is set but the draft vocabulary is not built: call fit() first "
+                               "(run_experiment does) or use_draft_vocab()")
+        run = _Rounds(backbone, self.draft_layer, self.draft_tokens, self.draft_ids)
         out = GenerationOutput(tokens=[], exit_layers=[], prompt_exit_layers=[], flops=FlopsCount(),
                                stats={"prefill_s": 0.0, "drafted": 0, "accepted": 0, "rounds": 0})
         for prompt in prompts:
@@ -143,7 +178,8 @@ def acceptance_summary(stats: dict[str, Any] | None) -> dict[str, Any]:
 class _Rounds:
     """Draft / verify / accept rounds for one backbone (see the module docstring)."""
 
-    def __init__(self, backbone: Any, draft_layer: int, draft_tokens: int) -> None:
+    def __init__(self, backbone: Any, draft_layer: int, draft_tokens: int, draft_ids: torch.Tensor | None = None
+                 ) -> None:
         self.backbone = backbone
         self.ops: DecoderOps = decoder_ops(backbone)
         self.L, self.E, self.d = self.ops.num_layers, draft_layer, draft_tokens
@@ -151,6 +187,15 @@ class _Rounds:
         self.dtype = next(backbone.model.parameters()).dtype
         vocab = int(backbone.lm_logits(torch.zeros(1, backbone.hidden_size, device=self.device)).shape[-1])
         self.costs = LayerCosts(self.ops, vocab)
+        self.draft_head_macs = self.costs.head
+        self.draft_rows: tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
+        if draft_ids is not None and len(draft_ids) < vocab:
+            # the rows copied once per call, not gathered at every draft (that copy would cost what it saves)
+            transform, projection = split_lm_head(backbone.lm_head)
+            ids = draft_ids.to(self.device)
+            bias = None if projection.bias is None else projection.bias[ids].contiguous()
+            self.draft_rows = (transform, projection.weight[ids].contiguous(), bias, ids)
+            self.draft_head_macs = self.costs.head * len(ids) // vocab
 
     # ------------------------------------------------------------------ layers
     def embed(self, cache: KVCache, ids: list[int], first_position: int) -> tuple[torch.Tensor, torch.Tensor, Rotary,
@@ -182,6 +227,16 @@ class _Rounds:
     def next_tokens(self, hidden: torch.Tensor) -> list[int]:
         """Greedy next token after each of the (N, H) states, read through the final norm and LM head."""
         return self.backbone.lm_logits(hidden).argmax(-1).tolist()
+
+    def draft_token(self, hidden: torch.Tensor) -> int:
+        """The draft after a (1, H) layer-E state: the LM head's argmax, over the draft vocabulary when there is one
+        (a monotone logit cap, Gemma's, cannot change an argmax, so it is skipped there)."""
+        if self.draft_rows is None:
+            return self.next_tokens(hidden)[0]
+        transform, weight, bias, ids = self.draft_rows
+        x = self.backbone.final_norm(hidden)
+        x = transform(x) if transform is not None else x
+        return int(ids[F.linear(x, weight, bias).argmax(-1)])
 
     # ------------------------------------------------------------------ FLOPs (multiply-adds, as raee.generation.flops)
     def macs(self, layers: tuple[int, int], positions: list[int]) -> int:
@@ -229,7 +284,7 @@ class _Rounds:
                 h, pos, rot, col = self.embed(cache, [feed], position + len(drafts))
                 h = self.layers(cache, h, pos, rot, col, 1, E)
                 states.append(h)
-                feed = self.next_tokens(h[0])[0]
+                feed = self.draft_token(h[0])
                 drafts.append(feed)
                 ends, started = stopper.stops(feed, started)
                 if ends:
@@ -260,7 +315,7 @@ class _Rounds:
                     break
             fed = list(range(position, position + k + 1))
             spent = (self.macs((1, E), fed) + self.macs((E + 1, L), fed)  # every fed token through every layer
-                     + (2 * k + 1) * self.costs.head)  # k draft reads, k + 1 verification reads
+                     + k * self.draft_head_macs + (k + 1) * self.costs.head)  # k draft reads, k + 1 verification
             self.count(flops, "decode", spent, self.full_macs(fed[:kept]), kept, 2 * k + 1)
             stats["drafted"] += k
             stats["accepted"] += j
