@@ -377,3 +377,90 @@ def test_head_finetune_is_the_runs_shared_model_and_hashee_keeps_its_own(tiny_lm
     finally:
         LMHead.fit = original
     assert not calls and hashee.budget()["by"] == "generation fine-tune (token_exits loss)"
+
+
+@pytest.mark.parametrize("tokens", ["all", "prompt"])
+def test_the_trainers_teacher_forced_pass_with_exits_equals_the_incremental_decode(tiny_lms, tokens):
+    """What the HashEE fine-tune trains on is what decoding computes: greedy-decode with the hash exits, then run the
+    (prompt, generated) pairs through the trainer's batch (right padding, read positions, the strategy's exits): the
+    states it reads the loss from predict exactly the generated tokens, in a batch of mixed lengths."""
+    from raee.generation import HashEEGeneration
+    from raee.hashee.strategy import HashEEExit
+
+    bb = tiny_lms["llama"]
+    strategy = HashEEGeneration(HashEEExit(hash="random", last_layer=None, max_epochs=0, tokens=tokens))
+    strategy.prepare(bb, None)
+    vocab = int(bb.model.get_input_embeddings().weight.shape[0])
+    strategy.use_token_map(torch.randint(1, bb.num_layers + 1, (vocab,), generator=torch.Generator().manual_seed(4)))
+    prompts = [p for p, _ in PAIRS]
+    out = strategy.generate(bb, prompts, 6, set())
+    module = ft.GenerationFinetuning(bb, "token_exits", lr=1e-3, weight_decay=0.0, warmup=0.0,
+                                     token_exits=strategy.token_exits)
+    batch = collate_pairs(list(zip(prompts, out.tokens)), pad_id=0)
+    with torch.no_grad():
+        hidden = module.exit_forward(bb, batch["input_ids"], batch["attention_mask"], module.exit_layers(batch))
+        positions, labels = prediction_positions(batch["target_mask"], batch["input_ids"])
+        predicted = bb.lm_logits(hidden[positions[:, 0], positions[:, 1]]).argmax(-1)
+    assert predicted.tolist() == labels.tolist() == [t for row in out.tokens for t in row]
+    if tokens == "all":
+        assert any(layer < bb.num_layers for row in out.exit_layers for layer in row)  # exits did happen
+
+
+def test_hash_none_equals_the_full_model(tiny_lms):
+    from raee.generation import FullGeneration, HashEEGeneration
+    from raee.hashee.strategy import HashEEExit
+
+    bb = tiny_lms["gpt2"]
+    none = HashEEGeneration(HashEEExit(hash="none", last_layer=None, max_epochs=0))
+    none.prepare(bb, None)
+    none.use_token_map(none.build_token_map(bb, None))
+    full = FullGeneration()
+    full.prepare(bb, None)
+    prompts = [p for p, _ in PAIRS]
+    a, b = none.generate(bb, prompts, 8, set()), full.generate(bb, prompts, 8, set())
+    assert a.tokens == b.tokens and a.exit_layers == b.exit_layers
+    assert a.flops.summary()["flops_speedup"] == pytest.approx(1.0)
+
+
+def test_every_fine_tune_of_compare_generation_shares_the_one_budget():
+    """+experiment=compare_generation: the zero-shot model, the shared joint fine-tune (head.finetune) for full,
+    fixed, confidence and self_speculative, and HashEE's own fine-tunes: every one reads the same `finetune`
+    budget and seed, on the same backbone and data."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from raee.generation import for_generation
+    from raee.run import CONF_DIR
+    from tests.test_union_sweeper import compose_jobs, jobs
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+experiment=compare_generation"], return_hydra_config=True)
+        sweeper = cfg.hydra.sweeper
+        all_jobs = jobs(OmegaConf.to_container(sweeper.params) if sweeper.params else {},
+                        OmegaConf.to_container(sweeper.sweeps))
+        budgets, wants, methods, zero_shot = set(), set(), set(), 0
+        for job, job_cfg in compose_jobs("compare_generation", all_jobs):
+            ft_cfg = job_cfg.finetune
+            want = (ft_cfg.max_epochs, ft_cfg.lr, ft_cfg.warmup, ft_cfg.weight_decay, job_cfg.seed)
+            wants.add(want)
+            assert job_cfg.backbone.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct", job
+            assert (job_cfg.data.max_source_tokens, job_cfg.data.max_train_examples) == (64, 400), job
+            strategy = for_generation(instantiate(job_cfg.exit))
+            methods.add(strategy.name)
+            head = OmegaConf.to_container(job_cfg.head, resolve=True)
+            if strategy.name == "hashee":
+                s = strategy.settings
+                budgets.add((s.max_epochs, s.lr, s.warmup, s.weight_decay, s.seed))
+                assert "finetune" not in head  # its own fine-tune, from the starting weights
+            elif head.get("finetune") == "joint":
+                b = head["budget"]
+                budgets.add((b["max_epochs"], b["lr"], b["warmup"], b["weight_decay"], b["seed"]))
+                if strategy.name == "confidence":  # its own joint fine-tune is the same entry as the head's
+                    s = strategy.finetune_settings
+                    assert (s["max_epochs"], s["lr"], s["warmup"], s["weight_decay"], s["seed"]) == want
+            else:
+                zero_shot += 1
+                assert strategy.name == "full" and head.get("finetune") is None
+    assert len(wants) == 1 and budgets == wants and zero_shot == 1
+    assert methods == {"full", "fixed", "confidence", "self_speculative", "hashee"}
