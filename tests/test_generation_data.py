@@ -52,7 +52,7 @@ def test_bbcnews_headlines_config_selects_the_lm_head():
                                                        "data.max_eval_examples=5"])
     assert cfg.head._target_ == "raee.generation.LMHead"
     dm = instantiate(cfg.data)
-    assert dm.is_generation and dm.max_new_tokens == 24 and len(dm.split("test")) == 5
+    assert dm.is_generation and dm.max_new_tokens == 20 and len(dm.split("test")) == 5
     head = instantiate(cfg.head)
     assert "{text}" in head.dataset_prompts["generation"]["template"]
 

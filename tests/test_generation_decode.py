@@ -79,6 +79,13 @@ def test_exits_at_the_last_layer_change_nothing(decoders, family):
     assert fixed.flops.summary()["flops_speedup"] == pytest.approx(1.0)
 
 
+def test_hash_none_equals_full(decoders):
+    bb = decoders["gemma3"]
+    none = HashEEGeneration(HashEEExit(hash="none", max_epochs=0))
+    none.prepare(bb, None)  # the map of hash=none needs no data: every token runs all L layers
+    assert run(bb, none).tokens == run(bb, FullGeneration()).tokens
+
+
 def test_fixed_layer_is_a_shallower_model(decoders):
     """exit=fixed at l: every token, prompt and generated, leaves at l; no layer above l ever runs."""
     bb = decoders["llama"]
@@ -232,3 +239,47 @@ def test_end_and_newline_tokens_stop_a_row(decoders):
     assert lines.tokens[0] == free[:3] if free[1] != free[0] else len(lines.tokens[0]) <= 3
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         run(bb, FullGeneration(), n=0)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_smollm2_full_greedy_equals_transformers_generate_on_articles():
+    """The layerwise loop's greedy headlines on real BBC articles (chat-template prompts) equal generate's."""
+    from raee.data import TextClassificationDataModule
+    from raee.generation import LMHead
+
+    bb = load_backbone("smollm2")
+    dm = TextClassificationDataModule("bbcnews_headlines", task_type="generation", max_source_tokens=48,
+                                      prompt={"generation": {"message": "Write a headline.\n\n{text}"}})
+    head = LMHead()
+    head.bind(bb, dm)
+    assert head.use_chat
+    lm = hf_lm(bb)
+    prompts = [head.encode_prompt(text) for text in dm.split("validation").texts[:3]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batch-1 decoding: one thread is as fast, and far faster on a busy machine
+    try:
+        out = run(bb, FullGeneration(), prompts, n=8)
+        for prompt, tokens in zip(prompts, out.tokens):
+            assert tokens == hf_greedy(lm, prompt, 8)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.real_lm
+def test_gemma3_270m_full_greedy_equals_transformers_generate():
+    """Gemma-3-270M (<bos>, a 262k vocabulary, local and global rotary tables): the layerwise loop equals generate
+    (its 512-token window is exercised by the tiny Gemma-3's window of 4); a HashEE plan decodes on it."""
+    bb = load_backbone("gemma3_270m")
+    lm = hf_lm(bb)
+    ids = bb.tokenizer("Article: The central bank raised interest rates again on Thursday, the third rise this "
+                       "year, citing inflation.\nHeadline:")["input_ids"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = run(bb, FullGeneration(), [ids], n=8)
+        assert out.tokens[0] == hf_greedy(lm, ids, 8)
+        s = hashee(bb, random_map(bb, seed=4))
+        assert len(run(bb, s, [ids], n=4).tokens[0]) == 4
+    finally:
+        torch.set_num_threads(threads)

@@ -56,6 +56,15 @@ class DecoderOps(ABC):
         self.config = backbone.model.config
         self.num_layers = backbone.num_layers
         self.layers = backbone.layer_modules()
+        self._settings: dict[int, tuple[int | None, float, float | None]] = {}
+
+    def settings(self, layer: int) -> tuple[int | None, float, float | None]:
+        """(window, scaling, soft cap) of ``layer``, read from the config once (a config lookup costs ~20 us, and
+        a decoding step asks every layer)."""
+        found = self._settings.get(layer)
+        if found is None:
+            found = self._settings[layer] = (self.window(layer), self.scaling(layer), self.softcap(layer))
+        return found
 
     # ---------------------------------------------------------------- sizes
     @property
@@ -301,8 +310,7 @@ def attend(ops: DecoderOps, layer: int, q: torch.Tensor, k: torch.Tensor, v: tor
            mask: torch.Tensor | None, training: bool = False) -> torch.Tensor:
     """Attention of queries (B, Hq, Nq, D) over keys/values (B, Hkv, S, D); mask (B, 1, Nq, S) bool (True = may
     attend) or None (every key). Returns the context (B, Nq, Hq * D)."""
-    scale = ops.scaling(layer)
-    cap = ops.softcap(layer)
+    _, scale, cap = ops.settings(layer)
     dropout = ops.attention_dropout(layer) if training else 0.0
     if cap is None:
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,

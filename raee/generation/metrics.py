@@ -12,6 +12,9 @@ _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 def _scorer():
     try:
+        import absl.logging  # rouge-score logs "Using default tokenizer." at INFO on every scorer
+
+        absl.logging.set_verbosity(absl.logging.WARNING)
         from rouge_score import rouge_scorer
     except ImportError as err:  # a base dependency; a clear message if an environment lacks it
         raise ImportError("ROUGE needs the pip package rouge-score, which is not installed: pip install rouge-score "

@@ -52,8 +52,10 @@ class LMHead:
 
     def __init__(self, template: str | None = None, message: str | None = None, system: str | None = None,
                  chat_template: str | bool = "auto", dataset_prompts: Mapping[str, Any] | None = None,
-                 max_source_tokens: int | None = None, finetune: str | None = None,
+                 max_source_tokens: int | None = None, pooling: str | None = None, finetune: str | None = None,
                  budget: Mapping[str, Any] | None = None) -> None:
+        # pooling: accepted and unused. exit=hashee's config sets head.pooling for classification's linear head,
+        # and lands on this head when a generation run names head=lm with exit=hashee
         if chat_template not in CHAT_CHOICES:
             raise UserError(f"head.chat_template={chat_template!r}: use auto (the tokenizer's chat template when it "
                             "has one), true (require one) or false (the plain template)")

@@ -72,7 +72,7 @@ def update_active(ops: DecoderOps, layer: int, hidden: torch.Tensor, normed: tor
     B, N, _ = hidden.shape
     if everyone is None:
         everyone = bool(active.all())
-    window = ops.window(layer)
+    window = ops.settings(layer)[0]
     if everyone:  # the dense layout: no packing
         q = ops.queries(layer, normed, rot)  # (B, N, Hq, D)
         mask = layout.mask(q_positions, window, last=last, key="all")

@@ -91,6 +91,8 @@ class GenerationExit:
         decoding) overrides this."""
         from raee.generation.decode import Decoder
 
+        if self.num_layers != backbone.num_layers:  # not prepared for this backbone yet (a direct call)
+            self.prepare(backbone, None)
         decoder = self.__dict__.get("_decoder")
         if decoder is None or decoder.backbone is not backbone:
             decoder = Decoder(backbone, self)
