@@ -64,6 +64,21 @@ class KVCache:
         self.length = start + n
         return start
 
+    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a step's (B, Hkv, N, D) keys and values of ``layer`` into columns start..start+N (the newest);
+        returns the keys and values of every column up to there, the step's included."""
+        end = start + keys.shape[2]
+        self.keys[layer][:, :, start:end] = keys
+        self.values[layer][:, :, start:end] = values
+        self.filled[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def crop(self, length: int) -> None:
+        """Forget the columns from ``length`` on (self-speculative decoding's rejected drafts)."""
+        self.length = length
+        self.filled = [min(f, length) for f in self.filled]
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` (finished sequences leave the batch)."""
         for layer in range(1, len(self.keys)):
@@ -158,13 +173,9 @@ class Decoder:
             kv_rows += self._fill_pending(cache, layer, start)
             normed = ops.attn_norm(layer, hidden)
             rot = ops.layer_rotary(rotary, layer)
-            k, v = ops.keys_values(layer, normed, rot)
-            cache.keys[layer][:, :, start:end] = k
-            cache.values[layer][:, :, start:end] = v
-            cache.filled[layer] = end
+            keys, values = cache.store(layer, *ops.keys_values(layer, normed, rot), start)
             kv_rows += n_valid
-            hidden = update_active(ops, layer, hidden, normed, active, rot, positions,
-                                   cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end], layout, last=last,
+            hidden = update_active(ops, layer, hidden, normed, active, rot, positions, keys, values, layout, last=last,
                                    everyone=n_active == B * N)
             leaving = active & (plan == layer) if layer in planned else None
             if dynamic and strategy.checks(layer):

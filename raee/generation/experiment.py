@@ -105,8 +105,9 @@ def build_generation_summary(run: SplitRun, strategy: GenerationExit, backbone: 
         else None,
         "full_reference": "full" if full is not None else None,
         "max_new_tokens": getattr(datamodule, "max_new_tokens", None),
-        "max_source_tokens": head.max_source_tokens, "budget": strategy.budget(),
+        "max_source_tokens": head.max_source_tokens, "budget": strategy.budget() or head.budget(),
         "calibration": calibration_record(strategy), "strategy_stats": stats.get("strategy_stats"),
+        **strategy.report(stats.get("strategy_stats")),
         "status": "ok", "version": raee.__version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return {k: _clean(v) for k, v in summary.items()}
@@ -159,6 +160,9 @@ def format_generation_summary(summary: dict[str, Any]) -> str:
         f"{num(summary.get('decode_flops_per_token'), '.3g')}   wall-clock: {num(summary['wall_time_s'], '.3f')} s"
         f" (full model {num(summary.get('full_wall_time_s'), '.3f')} s)",
     ]
+    if summary.get("acceptance_rate") is not None:
+        lines.append(f"  drafts accepted: {num(100 * summary['acceptance_rate'], '.1f')}%   tokens per verification "
+                     f"pass: {num(summary.get('tokens_per_round'))}")
     if summary.get("budget"):
         b = summary["budget"]
         lines.append(f"  fine-tuned by {b.get('by')}: {b.get('epochs')} epochs, {b.get('steps')} steps, lr "
@@ -188,6 +192,8 @@ def run_generation_experiment(backbone: Any, head: Any, strategy: Any, datamodul
     generator = for_generation(strategy)
     lm_head.bind(backbone, datamodule)
     generator.validate(backbone.num_layers)
+    if not getattr(generator, "own_finetune", False):  # HashEE trains its own copy from the starting weights
+        lm_head.fit(backbone, datamodule, cache_dir=cache_dir, progress=progress)
     generator.fit(backbone, lm_head, datamodule, cache_dir=cache_dir, progress=progress)
     full = None
     if compare_full and not isinstance(generator, FullGeneration):

@@ -39,6 +39,8 @@ class HashEEGeneration(GenerationExit):
     (:class:`~raee.hashee.strategy.HashEEExit`), whose hash, layers, seed and fine-tuning budget it uses."""
 
     name = "hashee"
+    #: fine-tunes its own copy with its exits in place, from the backbone's starting weights (no shared fine-tune)
+    own_finetune = True
 
     def __init__(self, settings: HashEEExit) -> None:
         super().__init__()

@@ -25,6 +25,8 @@ from raee.errors import UserError
 DEFAULT_TEMPLATE = "{text}\n"
 DEFAULT_MESSAGE = "{text}"
 CHAT_CHOICES = ("auto", True, False)
+#: head.finetune: the fine-tune every method of a run shares (None = the backbone as loaded)
+SHARED_FINETUNES = (None, "last", "joint")
 
 
 def _check_template(value: str, what: str) -> str:
@@ -50,7 +52,8 @@ class LMHead:
 
     def __init__(self, template: str | None = None, message: str | None = None, system: str | None = None,
                  chat_template: str | bool = "auto", dataset_prompts: Mapping[str, Any] | None = None,
-                 max_source_tokens: int | None = None, pooling: str | None = None) -> None:
+                 max_source_tokens: int | None = None, pooling: str | None = None, finetune: str | None = None,
+                 budget: Mapping[str, Any] | None = None) -> None:
         # pooling: accepted and unused. exit=hashee's config sets head.pooling for classification's linear head,
         # and lands on this head when a generation run names head=lm with exit=hashee
         if chat_template not in CHAT_CHOICES:
@@ -60,6 +63,12 @@ class LMHead:
         self.chat_template = chat_template
         self.dataset_prompts = dict(dataset_prompts or {})
         self.max_source_tokens = max_source_tokens
+        if finetune not in SHARED_FINETUNES:
+            raise UserError(f"head.finetune={finetune!r}: use null (the backbone as loaded), last (the LM loss at the "
+                            "last layer) or joint (CALM's loss at every layer)")
+        self.finetune = finetune
+        self.finetune_budget = dict(budget or {})
+        self.trained: dict[str, Any] | None = None
         self.backbone: LayerwiseBackbone | None = None
         self.use_chat = False
         self.template = DEFAULT_TEMPLATE
@@ -98,10 +107,29 @@ class LMHead:
         return self.backbone.tokenizer
 
     def describe(self) -> dict[str, Any]:
-        """What decides the prompt ids (summaries, cache keys)."""
-        return {"type": type(self).__name__, "chat": self.use_chat,
-                "prompt": self.message if self.use_chat else self.template, "system": self.system,
-                "max_source_tokens": self.max_source_tokens}
+        """What decides the prompt ids, and the shared fine-tune when there is one (summaries, cache keys)."""
+        out = {"type": type(self).__name__, "chat": self.use_chat,
+               "prompt": self.message if self.use_chat else self.template, "system": self.system,
+               "max_source_tokens": self.max_source_tokens}
+        if self.finetune:
+            out["finetune"] = {"loss": self.finetune, **self.finetune_budget}
+        return out
+
+    # ------------------------------------------------------------------ the shared fine-tune
+    def fit(self, backbone: LayerwiseBackbone, datamodule: Any, cache_dir: Any = None, progress: bool = True) -> None:
+        """Fine-tune the backbone with ``head.finetune``'s loss and the shared budget, once per content (the weights
+        every method of the run then uses; :func:`raee.generation.finetune.finetune_lm`). Nothing when unset."""
+        if not self.finetune:
+            return
+        from raee.generation import finetuning
+
+        self.trained = finetuning.finetune(f"head.finetune={self.finetune}", backbone, self, datamodule,
+                                           loss=self.finetune, settings=dict(self.finetune_budget),
+                                           cache_dir=cache_dir, progress=progress)
+
+    def budget(self) -> dict[str, Any] | None:
+        """The shared fine-tune's budget record (None: the backbone as loaded)."""
+        return self.trained
 
     # ------------------------------------------------------------------ prompts
     def cut_source(self, text: str) -> str:

@@ -79,6 +79,11 @@ class GenerationExit:
         """The full model to time this strategy against (same loop, no exits)."""
         return FullGeneration()
 
+    def report(self, strategy_stats: dict[str, Any] | None) -> dict[str, Any]:
+        """Summary fields of the strategy's own, from its ``stats`` summed over the run (self-speculative
+        decoding: the acceptance rate). Nothing by default."""
+        return {}
+
     def generate(self, backbone: Any, prompts: list[list[int]], max_new_tokens: int, end_ids: set[int],
                  newline_ids: set[int] | None = None, pad_id: int = 0) -> Any:
         """Greedy generation of a batch of prompts (token ids) -> :class:`~raee.generation.decode.GenerationOutput`.

@@ -29,6 +29,7 @@ from raee.exits.base import BatchContext, PlannedExit
 from raee.exits.simple import FullModel
 from raee.hashee import hashing
 from raee.hashee.token_layer import active_tokens, layer_parts, run_token_exit_layer, token_exit_flops
+from raee.weights import check_state as _check_state
 
 #: the hashes HashEEExit accepts: the paper's, and ``none`` (no token exits: the same fine-tuning
 #: recipe without exits, the reference HashEE is compared with)
@@ -446,11 +447,3 @@ class TokenPathFullModel(FullModel):
 
         return backbone.run_layer(state, every_token)
 
-
-def _check_state(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse saved weights whose names or shapes differ from the model's (before any is loaded)."""
-    missing, extra = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
-    shapes = [k for k in set(expected) & set(loaded) if tuple(expected[k].shape) != tuple(loaded[k].shape)]
-    if missing or extra or shapes:
-        raise UserError(f"{path} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}, "
-                        f"other shapes {sorted(shapes)[:3]}): delete it to train again")
