@@ -13,6 +13,8 @@ from raee.generation.layers import decoder_ops
 from raee.hashee.strategy import HashEEExit
 from tests.conftest import TINY_CONFIGS
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny decoding: one thread (conftest)
+
 DECODERS = ["llama", "gemma3", "gpt2"]
 # prompts of different lengths (batched: left padding); longer than the tiny Gemma-3's window of 4
 PROMPTS = [[101, 2023, 2003, 1037, 3231, 1997], [101, 7592, 2088], [101, *range(2000, 2012)]]
@@ -256,14 +258,9 @@ def test_smollm2_full_greedy_equals_transformers_generate_on_articles():
     assert head.use_chat
     lm = hf_lm(bb)
     prompts = [head.encode_prompt(text) for text in dm.split("validation").texts[:3]]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # batch-1 decoding: one thread is as fast, and far faster on a busy machine
-    try:
-        out = run(bb, FullGeneration(), prompts, n=8)
-        for prompt, tokens in zip(prompts, out.tokens):
-            assert tokens == hf_greedy(lm, prompt, 8)
-    finally:
-        torch.set_num_threads(threads)
+    out = run(bb, FullGeneration(), prompts, n=8)
+    for prompt, tokens in zip(prompts, out.tokens):
+        assert tokens == hf_greedy(lm, prompt, 8)
 
 
 @pytest.mark.real_lm
@@ -274,12 +271,7 @@ def test_gemma3_270m_full_greedy_equals_transformers_generate():
     lm = hf_lm(bb)
     ids = bb.tokenizer("Article: The central bank raised interest rates again on Thursday, the third rise this "
                        "year, citing inflation.\nHeadline:")["input_ids"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = run(bb, FullGeneration(), [ids], n=8)
-        assert out.tokens[0] == hf_greedy(lm, ids, 8)
-        s = hashee(bb, random_map(bb, seed=4))
-        assert len(run(bb, s, [ids], n=4).tokens[0]) == 4
-    finally:
-        torch.set_num_threads(threads)
+    out = run(bb, FullGeneration(), [ids], n=8)
+    assert out.tokens[0] == hf_greedy(lm, ids, 8)
+    s = hashee(bb, random_map(bb, seed=4))
+    assert len(run(bb, s, [ids], n=4).tokens[0]) == 4

@@ -9,6 +9,8 @@ from raee.report import collect, write_report
 from raee.run import run_job
 from tests.test_generation_run import compose_cfg, csv_overrides
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny decoding: one thread (conftest)
+
 
 def test_report_of_generation_runs(tmp_path):
     sweep = tmp_path / "sweep"

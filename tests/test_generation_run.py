@@ -16,6 +16,8 @@ from raee.generation import ConfidenceGeneration, LMHead
 from raee.generation import finetuning
 from raee.run import CONF_DIR, run_job
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny decoding: one thread (conftest)
+
 QUICK = ["logger=none", "data.max_new_tokens=4", "warmup_batches=0"]
 
 
