@@ -38,6 +38,7 @@ def build(cfg: DictConfig) -> str:
     from raee.exits.raee_exit import RaeeExit
     from raee.experiment import prepare_head
 
+    part, parts, merge = check_part_options(cfg.db)  # before the model loads
     backbone = instantiate(cfg.backbone)
     head = instantiate(cfg.head)
     datamodule = instantiate(cfg.data)
@@ -46,7 +47,6 @@ def build(cfg: DictConfig) -> str:
     key_encoder = instantiate(cfg.key_encoder)
     if cfg.db.get("append"):
         return append(cfg, backbone, head, key_encoder, datamodule)
-    part, parts, merge = check_part_options(cfg.db)
     # the same locate-build-save path that exit=raee uses, forced to build (resuming a killed build's shards
     # unless db.rebuild=true)
     raee = RaeeExit(key_encoder, instantiate(cfg.retriever), instantiate(cfg.aggregator), database=cfg.db.dir,
