@@ -252,13 +252,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", default="/work/cache", help="paths.cache_dir (fitted heads)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "db_sharding")
     parser.add_argument("--log", type=Path, default=None, help="the commands' output (default <work>/<name>.log)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the setup (after --)")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []  # Hydra overrides of the setup, after --
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.work = args.work.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     args.log = (args.log or args.work / f"{args.name}-{args.what}.log").resolve()
-    (measure_parts if args.what == "parts" else measure_resume)(args, list(args.overrides))
+    (measure_parts if args.what == "parts" else measure_resume)(args, overrides)
 
 
 if __name__ == "__main__":
