@@ -23,6 +23,7 @@ import raee
 from raee.atomic import atomic_write_text
 from raee.backbones.base import LayerwiseBackbone
 from raee.cache import load_or_build
+from raee.distributed import combine_rank_summaries, device_count, is_main_process, multi_device, rank_loader
 from raee.errors import UserError
 from raee.exits.base import ExitStrategy
 from raee.exits.simple import FullModel, OracleExit
@@ -137,8 +138,12 @@ def evaluate(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, da
     kwargs.update(trainer_kwargs or {})
     if kwargs["enable_progress_bar"] and "callbacks" not in kwargs:
         kwargs["callbacks"] = [labelled_progress_bar(f"{split}: {strategy.name}")]
+    loader = getattr(datamodule, EVAL_LOADERS[split])()
+    if multi_device(kwargs):  # each rank a contiguous block of the same batches: no example padded or repeated
+        loader = rank_loader(loader, device_count(kwargs))
+        kwargs.setdefault("use_distributed_sampler", False)
     trainer = L.Trainer(**kwargs)
-    trainer.test(module, dataloaders=getattr(datamodule, EVAL_LOADERS[split])(), verbose=False)
+    trainer.test(module, dataloaders=loader, verbose=False)
     return module.results(), module.predictions()
 
 
@@ -174,6 +179,7 @@ def build_summary(results: dict[str, Any], strategy: ExitStrategy, backbone: Lay
         "tuned_knob": getattr(strategy, "knob", None), "calibration": calibration_summary(strategy),
         "status": "ok", "version": raee.__version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    summary.update(combine_rank_summaries(results, full))  # several devices: how the ranks were combined
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
 
 
@@ -297,5 +303,6 @@ def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrate
         results["flops_speedup"] = flops()
     summary = build_summary(results, strategy, backbone, head, datamodule, full, run_name=run_name, seed=seed,
                             split=split, oracle=oracle)
-    write_outputs(output_dir, summary, columns)
+    if is_main_process():  # every rank holds the gathered results; one writes them
+        write_outputs(output_dir, summary, columns)
     return summary

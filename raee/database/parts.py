@@ -185,9 +185,9 @@ class Progress:
         self.started = self.last = time.perf_counter()
 
     def write(self, message: str) -> None:
-        line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {self.label} {message}"
+        line = f"{self.label} {message}"
         with open(self.path, "a") as f:  # short appends: lines of parallel parts do not interleave
-            f.write(line + "\n")
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
         log.info(line)
 
     def rate(self) -> str:
