@@ -244,6 +244,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  retrieval: {f(summary['retrieval_time_s'], '.3f')} s ({f((summary['retrieval_share'] or 0) * 100, '.1f')}% "
         f"of wall-clock)   exits per layer: {summary['exit_layer_counts']}",
     ]
+    if summary.get("devices"):
+        per = "; ".join(f"rank {r['rank']}: {r['num_examples']} ex, {f(r['wall_time_s'], '.3f')} s, "
+                        f"{f(r['throughput'], '.1f')} ex/s, speed-up {f(r.get('wall_speedup'), '.2f')}x"
+                        for r in summary["ranks"])
+        lines.append(f"  {summary['devices']} devices ({per}); wall-clock: sum over ranks, throughput: examples / "
+                     "slowest rank")
     if summary.get("budget"):
         b = summary["budget"]
         lines.append(f"  fine-tuned by {b['by']}: {b['epochs']} epochs, {b['steps']} steps, lr {b['lr']:g} "

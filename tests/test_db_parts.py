@@ -259,3 +259,30 @@ def test_build_db_part_options_are_checked(tmp_path):
         build(compose_cfg(base + ["db.parts=4", "db.part=0", "db.merge=true"]))
     with pytest.raises(FileNotFoundError, match="no parts to merge"):
         build(compose_cfg(base + ["db.merge=true"]))
+
+
+# ---------------------------------------------------------------------------- real model
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_bbc_news_with_minilm_in_four_parts_equals_one_process(tmp_path):
+    from raee.backbones import load_backbone
+    from raee.data import TextClassificationDataModule
+    from raee.experiment import prepare_head
+
+    backbone = load_backbone("sentence-transformers/all-MiniLM-L6-v2")
+    data = TextClassificationDataModule("bbcnews", max_train_examples=200, max_eval_examples=40, seed=42)
+    data.setup()
+    head = PrototypeHead()
+    prepare_head(backbone, head, data, cache_dir=None, progress=False)
+    keys = BackboneKeys(layer=0)  # the default config's keys and rule
+    single = build_database(backbone, head, keys, FaissRetriever("Flat"), data, tmp_path / "single", shard_rows=25,
+                            progress=False)
+    merged = build_in_parts(backbone, head, keys, data, tmp_path / "merged", 4, shard_rows=25)
+    assert merged.size == 200 and len(merged.meta["shards"]) == 8
+    assert_same_database(merged, single)
+    test = data.split("test")
+    queries = type("Queries", (), {"texts": list(test.texts), "labels": test.labels.tolist()})()
+    exits, preds, neighbours = raee_exits(backbone, head, merged, queries)
+    for a, b in zip((exits, preds, neighbours), raee_exits(backbone, head, single, queries)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert len(set(exits.tolist())) > 1  # the rule really chose
