@@ -121,9 +121,10 @@ def fill_index(retriever: Any, key_files: list[Path], counts: list[int], *, seed
 
 def finish_database(directory: Path, retriever: Any, meta: dict[str, Any], new_shards: list[str],
                     old_records: list[dict[str, Any]] | None = None, started: float | None = None,
-                    progress: bool = True) -> ExitDatabase:
+                    progress: bool = True, new_records: list[dict[str, Any]] | None = None) -> ExitDatabase:
     """Index the new shards' keys (a fresh index, or ``retriever`` extended when there are old shards),
-    drop the keys unless kept, and write meta.json last."""
+    drop the keys unless kept, and write meta.json last. ``new_records``: the new shards' records when
+    already computed and checked (a merge), else they are computed here (each file hashed)."""
     old_records = old_records or []
     key_files = store.key_files(directory, [{"name": n} for n in new_shards])
     counts = [int(np.load(f, mmap_mode="r", allow_pickle=False).shape[0]) for f in key_files]
@@ -133,7 +134,7 @@ def finish_database(directory: Path, retriever: Any, meta: dict[str, Any], new_s
     if not meta["keep_keys"]:
         for path in key_files:
             path.unlink()
-    records = old_records + [store.shard_record(directory, name) for name in new_shards]
+    records = old_records + (new_records or [store.shard_record(directory, name) for name in new_shards])
     meta = dict(meta, retriever=describe_retriever(retriever), count=sum(r["count"] for r in records),
                 key_dim=int(retriever.dim), shards=records, content_hash=store.content_hash(records))
     if started is not None:

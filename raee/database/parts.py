@@ -503,7 +503,7 @@ def merge_parts(staging: str | Path, directory: str | Path, retriever: Any, iden
     plan, parts = check_parts(staging, identity)
     if directory.exists() and any(directory.iterdir()):
         raise UserError(f"cannot merge into {directory}: it is not empty")
-    names = []
+    names, records = [], []
     for item in parts:
         for shard in plan.part_shards(int(item.plan["part"])):
             name = store.shard_name(shard)
@@ -511,6 +511,7 @@ def merge_parts(staging: str | Path, directory: str | Path, retriever: Any, iden
                 if file.suffix == ".npy" or file.name == "source.json":
                     store.link_or_copy(file, directory / store.SHARDS_DIR / name / file.name)
             names.append(name)
+            records.append(json.loads((item.directory / store.SHARDS_DIR / name / SHARD_FILE).read_text()))
     ids = np.concatenate([np.load(directory / store.SHARDS_DIR / n / "ids.npy", allow_pickle=False) for n in names])
     if len(ids) != plan.rows or len(np.unique(ids)) != len(ids):
         raise UserError(f"the parts in {staging} hold {len(ids)} rows of {len(np.unique(ids))} distinct examples, the "
@@ -529,7 +530,10 @@ def merge_parts(staging: str | Path, directory: str | Path, retriever: Any, iden
     }
     if (staging / PROGRESS_LOG).exists():
         shutil.copyfile(staging / PROGRESS_LOG, directory / BUILD_LOG)
-    return finish_database(directory, retriever, meta, names, started=started, progress=progress)
+    if not meta["keep_keys"]:  # the records list the files the database keeps
+        records = [dict(r, files={k: v for k, v in r["files"].items() if k != f"{store.KEYS}.npy"}) for r in records]
+    return finish_database(directory, retriever, meta, names, started=started, progress=progress,
+                           new_records=records)
 
 
 # ---------------------------------------------------------------------------------------------- whole builds
