@@ -99,7 +99,8 @@ def build_part(cfg: DictConfig, raee: Any, backbone: Any, head: Any, datamodule:
                                  tolerance=tolerance, rebuild=bool(cfg.db.get("rebuild", False)))
     shards = plan.part_shards(part)
     print(f"part {part} of {parts}: shards {shards[0]}..{shards[-1]} of {plan.shards} ({result.reused} reused, "
-          f"{result.computed} computed, {result.rows_computed} examples in {result.seconds:.1f} s) -> {result.directory}")
+          f"{result.computed} computed, {result.rows_computed} examples in {result.seconds:.1f} s) -> "
+          f"{result.directory}")
     done = [p.label for p in database.parts.staged_parts(staging) if p.done is not None]
     waiting = [database.parts.part_name(p, parts) for p in range(parts)
                if database.parts.part_name(p, parts) not in done]

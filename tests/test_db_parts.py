@@ -54,7 +54,8 @@ def raee_exits(bb, head, db: ExitDatabase, dm) -> tuple[torch.Tensor, torch.Tens
     strategy = RaeeExit(BackboneKeys(), db.retriever, RobustAggregator(threshold=0.5, top_p=3), k=5)
     strategy.use_database(db)
     strategy.prepare(bb, head)
-    batch = {"text": dm.texts, "text_pair": None, "label": torch.tensor(dm.labels), "index": torch.arange(len(dm.texts))}
+    batch = {"text": dm.texts, "text_pair": None, "label": torch.tensor(dm.labels),
+             "index": torch.arange(len(dm.texts))}
     result = run_early_exit(bb, head, strategy, encode_batch(bb, head, batch),
                             BatchContext(num_layers=bb.num_layers, batch_size=len(dm.texts), texts=dm.texts))
     return result.exit_layers, result.predictions, db.ids[strategy.last["ids"]].numpy()

@@ -292,63 +292,17 @@ def _build_part_locked(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyE
                        staging: Path, directory: Path, plan: BuildPlan, part: int, chosen: np.ndarray,
                        tolerance: float | None, rebuild: bool, progress: bool) -> PartResult:
     started = time.perf_counter()
-    other_builds(staging, plan, directory, remove=rebuild)
-    found = read_json(directory / PLAN_FILE)
-    if rebuild and directory.exists():
-        shutil.rmtree(directory)
-    elif found is not None and found.get("identity") != plan.identity:
-        raise UserError(f"{directory} was built for another setup ({describe_differences(found.get('identity') or {}, plan.identity)}): "
-                        "run with db.rebuild=true to start it afresh, or with that part's setup")
-    elif found is not None and BuildPlan.from_json(found).layout() != plan.layout():
-        raise UserError(f"{directory} was planned with another layout ({found.get('rows')} rows, "
-                        f"{found.get('shard_rows')} per shard), this run plans {plan.rows} rows, {plan.shard_rows} "
-                        "per shard: run with the same db.shard_rows, or db.rebuild=true to start it afresh")
-    elif found is None and directory.exists():
-        shutil.rmtree(directory)  # died before its plan was written: nothing in it to keep
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(directory / PLAN_FILE, json.dumps(plan.to_json(part), indent=2))
+    open_part(staging, directory, plan, part, rebuild)
     shards = plan.part_shards(part)
-    done = 0
-    for shard in shards:  # the complete prefix is kept; the first incomplete shard and what follows are redone
-        if not shard_complete(directory / store.SHARDS_DIR / store.shard_name(shard)):
-            break
-        done += 1
-    if done == len(shards) and read_json(directory / PART_FILE) is not None:
+    done = complete_prefix(directory, shards)
+    if done == len(shards) and read_json(directory / PART_FILE) is not None:  # finished before: nothing to do
         return PartResult(directory, part, plan.parts, reused=done, computed=0, rows_computed=0,
                           seconds=time.perf_counter() - started)
-    (directory / PART_FILE).unlink(missing_ok=True)
-    for shard in shards[done:]:
-        path = directory / store.SHARDS_DIR / store.shard_name(shard)
-        if path.exists():
-            shutil.rmtree(path)
-    lo = plan.shard_range(shards[done])[0] if done < len(shards) else 0
-    hi = plan.shard_range(shards[-1])[1]
-    report = Progress(staging, plan, part, todo_rows=max(0, hi - lo) if done < len(shards) else 0, done_shards=done)
-    if done:
-        report.write(f"resuming: {done} of {len(shards)} shards complete (sha256 checked), computing the other "
-                     f"{len(shards) - done}")
-    elif done < len(shards):
-        report.write(f"starting: shards {shards[0]}..{shards[-1]} of {plan.shards} (rows {plan.shard_range(shards[0])[0]}"
-                     f"..{hi - 1} of {plan.rows})")
-
-    def finish_shard(path: Path) -> None:
-        atomic_write_text(path / SHARD_FILE, json.dumps(store.shard_record(directory, path.name)))
-        report.shard(path.name)
-
+    report = Progress(staging, plan, part, todo_rows=0, done_shards=done)
     computed = 0
     if done < len(shards):
-        source = {"dataset": getattr(datamodule, "name", None), "split": "train"}
-        writer = store.ShardWriter(directory / store.SHARDS_DIR, plan.shard_rows, first_shard=shards[done],
-                                   source=source, on_shard=finish_shard)
-        for rows in tqdm(stream_rows(backbone, head, key_encoder, datamodule, chosen, lo, hi, tolerance),
-                         desc=f"exit database {part_name(part, plan.parts)}", disable=not progress, leave=False):
-            writer.add(**rows)
-            report.batch(len(rows["ids"]))
-        written = writer.close()
-        computed = len(written)
-        if computed != len(shards) - done or report.rows != hi - lo:
-            raise UserError(f"the training loader gave {report.rows} rows for {part_name(part, plan.parts)}, its "
-                            f"plan expects {hi - lo}: the training data changed while the database was built")
+        computed = compute_shards(backbone, head, key_encoder, datamodule, directory, plan, shards[done:], chosen,
+                                  tolerance, report, progress)
     result = PartResult(directory, part, plan.parts, reused=done, computed=computed, rows_computed=report.rows,
                         seconds=time.perf_counter() - started)
     atomic_write_text(directory / PART_FILE, json.dumps({
@@ -358,6 +312,75 @@ def _build_part_locked(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyE
     report.write(f"part done: {len(shards)} shard(s), {done} reused, {computed} computed in "
                  f"{format_seconds(result.seconds)}")
     return result
+
+
+def open_part(staging: Path, directory: Path, plan: BuildPlan, part: int, rebuild: bool) -> None:
+    """Make ``directory`` the folder of this part of ``plan``: refuse (or, rebuilding, delete) another build's
+    parts and a folder planned otherwise; write plan.json."""
+    other_builds(staging, plan, directory, remove=rebuild)
+    found = read_json(directory / PLAN_FILE)
+    if rebuild and directory.exists():
+        shutil.rmtree(directory)
+    elif found is not None and found.get("identity") != plan.identity:
+        raise UserError(f"{directory} was built for another setup "
+                        f"({describe_differences(found.get('identity') or {}, plan.identity)}): run with "
+                        "db.rebuild=true to start it afresh, or with that part's setup")
+    elif found is not None and BuildPlan.from_json(found).layout() != plan.layout():
+        raise UserError(f"{directory} was planned with another layout ({found.get('rows')} rows, "
+                        f"{found.get('shard_rows')} per shard), this run plans {plan.rows} rows, {plan.shard_rows} "
+                        "per shard: run with the same db.shard_rows, or db.rebuild=true to start it afresh")
+    elif found is None and directory.exists():
+        shutil.rmtree(directory)  # died before its plan was written: nothing in it to keep
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / PLAN_FILE, json.dumps(plan.to_json(part), indent=2))
+
+
+def complete_prefix(directory: Path, shards: range) -> int:
+    """How many of ``shards``, from the first, are complete (sha256 checked). Shards are written in order, so
+    the first incomplete one is where a killed part stopped: it and any after it are deleted (redone)."""
+    done = 0
+    for shard in shards:
+        if not shard_complete(directory / store.SHARDS_DIR / store.shard_name(shard)):
+            break
+        done += 1
+    if done < len(shards):
+        (directory / PART_FILE).unlink(missing_ok=True)
+    for shard in shards[done:]:
+        path = directory / store.SHARDS_DIR / store.shard_name(shard)
+        if path.exists():
+            shutil.rmtree(path)
+    return done
+
+
+def compute_shards(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, datamodule: Any,
+                   directory: Path, plan: BuildPlan, shards: range, chosen: np.ndarray, tolerance: float | None,
+                   report: Progress, progress: bool) -> int:
+    """Compute ``shards`` (consecutive) into ``directory``, each shard's record written last; returns their count."""
+    lo, hi = plan.shard_range(shards[0])[0], plan.shard_range(shards[-1])[1]
+    report.todo_rows = hi - lo
+    if report.done_shards:
+        report.write(f"resuming: {report.done_shards} of {report.part_total} shards complete (sha256 checked), "
+                     f"computing the other {len(shards)}")
+    else:
+        report.write(f"starting: shards {shards[0]}..{shards[-1]} of {plan.shards} (rows {lo}..{hi - 1} of "
+                     f"{plan.rows})")
+
+    def finish_shard(path: Path) -> None:
+        atomic_write_text(path / SHARD_FILE, json.dumps(store.shard_record(directory, path.name)))
+        report.shard(path.name)
+
+    writer = store.ShardWriter(directory / store.SHARDS_DIR, plan.shard_rows, first_shard=shards[0],
+                               source={"dataset": getattr(datamodule, "name", None), "split": "train"},
+                               on_shard=finish_shard)
+    for rows in tqdm(stream_rows(backbone, head, key_encoder, datamodule, chosen, lo, hi, tolerance),
+                     desc=f"exit database {report.label}", disable=not progress, leave=False):
+        writer.add(**rows)
+        report.batch(len(rows["ids"]))
+    written = writer.close()
+    if len(written) != len(shards) or report.rows != hi - lo:
+        raise UserError(f"the training loader gave {report.rows} rows for {report.label}, its plan expects "
+                        f"{hi - lo}: the training data changed while the database was built")
+    return len(written)
 
 
 def other_builds(staging: Path, plan: BuildPlan, own: Path, remove: bool = False) -> None:
