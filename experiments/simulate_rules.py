@@ -32,6 +32,8 @@ from raee.aggregation import gather_neighbours, label_vote  # noqa: E402
 from raee.calibration.calibrate import calibrate_on_tables, full_model_scores, sweep_knob  # noqa: E402
 from raee.calibration.simulate import simulate  # noqa: E402
 from raee.calibration.tables import load_or_compute_tables  # noqa: E402
+from raee.cli import user_errors  # noqa: E402
+from raee.errors import UserError  # noqa: E402
 from raee.experiment import prepare_head  # noqa: E402
 from raee.run import CONF_DIR  # noqa: E402
 
@@ -100,8 +102,8 @@ def main() -> None:
             strategy.use_database(base.db)
             strategy.prepare(bb, head)
             if strategy.retrieval_description() != base.retrieval_description():
-                raise ValueError(f"{name}: its key encoder, retriever or k differ from exit=raee's; give them as "
-                                 "shared overrides so that one pair of tables serves every strategy")
+                raise UserError(f"{name}: its key encoder, retriever or k differ from exit=raee's; give them as "
+                                "shared overrides so that one pair of tables serves every strategy")
         result = calibrate_on_tables(strategy, val)
         strategy.set_knob(result["value"])
         scores = simulate(strategy, test).scores(test.labels)
@@ -117,4 +119,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # a user's error: one paragraph, exit status 2
+        main()

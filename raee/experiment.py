@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 import raee
 from raee.atomic import atomic_write_text
@@ -142,7 +143,11 @@ def evaluate(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, da
     if multi_device(kwargs):  # each rank a contiguous block of the same batches: no example padded or repeated
         loader = rank_loader(loader, device_count(kwargs))
         kwargs.setdefault("use_distributed_sampler", False)
-    trainer = L.Trainer(**kwargs)
+    try:
+        trainer = L.Trainer(**kwargs)
+    except MisconfigurationException as err:  # e.g. trainer=gpu where Lightning finds no GPU
+        raise UserError(f"Lightning cannot run the trainer settings {trainer_kwargs or {}} here ({err}): use "
+                        "trainer=cpu, or fix the trainer.* overrides") from err
     trainer.test(module, dataloaders=loader, verbose=False)
     return module.results(), module.predictions()
 

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from raee.backbones.base import LayerState
-from raee.errors import UserError
 from raee.heads.pooling import pool
 
 
@@ -44,7 +43,7 @@ class BackboneKeys(KeyEncoder):
 
     def encode(self, state: LayerState, texts: list[str]) -> torch.Tensor:
         if state.layer != self.plan_layer:
-            raise UserError(f"backbone keys are taken at layer {self.plan_layer}, got a state of layer {state.layer}")
+            raise ValueError(f"backbone keys are taken at layer {self.plan_layer}, got a state of layer {state.layer}")
         return self._finish(pool(state.hidden, state.attention_mask, self.pooling))
 
     def describe(self) -> dict[str, Any]:

@@ -61,7 +61,8 @@ def choose_point(curve: Sequence[dict[str, Any]], target: CalibrationTarget, ful
     """The point of ``curve`` (dicts with value, accuracy, mean_layers_computed, in grid order) that meets
     ``target``, and whether one met it (see the module docstring for the rule)."""
     if not curve:
-        raise UserError("calibration has no candidate settings: the grid is empty")
+        raise UserError("calibration has no candidate settings: the grid is empty; give the knob values to try "
+                        "with exit.grid=[...]")
     order = list(range(len(curve)))
     acc = [float(p["accuracy"]) for p in curve]
     cost = [float(p["mean_layers_computed"]) for p in curve]
@@ -77,7 +78,7 @@ def choose_point(curve: Sequence[dict[str, Any]], target: CalibrationTarget, ful
             return curve[min(ok, key=lambda i: (-acc[i], cost[i], i))], True
         best = min(order, key=lambda i: (cost[i], -acc[i], i))
     else:
-        raise UserError("no calibration target set (exit.target is null)")
+        raise ValueError("no calibration target set (exit.target is null)")
     return curve[best], False
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from raee.atomic import atomic_write_text
+from raee.cli import user_errors
 from raee.report.analysis import add_analysis, sort_runs
 from raee.report.collect import collect, collect_failed
 from raee.report.figures import plot_exit_layers, plot_pareto, plot_speed_vs_metric
@@ -72,16 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command: 0 when the report is written; a user's error (no such directory, no runs) prints
+    ``error: <message>`` and exits with status 2 (:mod:`raee.cli`)."""
     args = build_parser().parse_args(argv)
+    with user_errors():
+        return run_report(args)
+
+
+def run_report(args: argparse.Namespace) -> int:
     root = Path(args.root)
-    try:
-        failed = collect_failed(root)
-        if len(failed):
-            print(f"## Failed runs ({len(failed)})\n\n{failed_markdown(failed)}\n")
-        df = collect(root)
-    except (FileNotFoundError, NotADirectoryError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    failed = collect_failed(root)
+    if len(failed):
+        print(f"## Failed runs ({len(failed)})\n\n{failed_markdown(failed)}\n")
+    df = collect(root)
     out = Path(args.out) if args.out else root / "report"
     paths = write_report(df, out, failed=failed, paper=args.paper)
     print(results_markdown(df))
