@@ -189,6 +189,7 @@ def launch_ranks(processes: int, command: Sequence[str], log_dir: str | Path) ->
         return
     saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK",
                                             "OMP_NUM_THREADS")}
+    threads = torch.get_num_threads()  # Lightning gives each of N processes cores / N threads
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(processes),
                       NODE_RANK="0", LOCAL_RANK="0")
     log_dir = Path(log_dir)
@@ -220,6 +221,7 @@ def launch_ranks(processes: int, command: Sequence[str], log_dir: str | Path) ->
             out.close()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        torch.set_num_threads(threads)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
