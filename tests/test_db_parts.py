@@ -223,6 +223,19 @@ def test_build_db_parts_then_merge_and_first_use(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "parts done: part-0-of-2, part-1-of-2; not yet: none. Merge them with" in out
     assert "db.merge=true" in out
+    cfg = compose_cfg(parted)  # a named database whose parts are all there: exit=raee merges them on first use
+    from hydra.utils import instantiate
+
+    from raee.experiment import prepare_head
+
+    bb, head, dm = instantiate(cfg.backbone), instantiate(cfg.head), instantiate(cfg.data)
+    dm.setup("fit")
+    prepare_head(bb, head, dm, cache_dir=cfg.paths.cache_dir, progress=False)
+    bb.reset_counters()
+    instantiate(cfg.exit).fit(bb, head, dm, cache_dir=cfg.paths.cache_dir, progress=False)
+    assert sum(bb.layer_examples) == 0 and (tmp_path / "db" / "meta.json").exists()
+    for part in (1, 0):  # again, and this time merged by the command
+        build(compose_cfg(parted + [f"db.part={part}", "db.shard_rows=16"]))
     merged = build(compose_cfg(parted + ["db.merge=true"]))
     assert json.loads((Path(merged) / "meta.json").read_text())["content_hash"] == \
         json.loads((Path(single) / "meta.json").read_text())["content_hash"]
@@ -232,11 +245,7 @@ def test_build_db_parts_then_merge_and_first_use(tmp_path, capsys):
     for part in range(3):
         build(compose_cfg(auto + [f"db.part={part}"]))
     (staged,) = (tmp_path / "cache" / "db").glob("*.parts")
-    from hydra.utils import instantiate
-
     cfg = compose_cfg(TINY + [cache])
-    from raee.experiment import prepare_head
-
     bb, head, dm = instantiate(cfg.backbone), instantiate(cfg.head), instantiate(cfg.data)
     dm.setup("fit")
     prepare_head(bb, head, dm, cache_dir=cfg.paths.cache_dir, progress=False)

@@ -110,7 +110,9 @@ class RetrievalExit(Calibrated, ExitStrategy):
         from raee.cache import load_or_build
 
         directory = self.database_target(backbone, head, datamodule, cache_dir)
-        if self.database_dir and not self.rebuild and not (directory / "meta.json").exists():
+        staging = database.staging_dir(directory)  # beside the target: survives a killed build, to be resumed
+        if (self.database_dir and not self.rebuild and not (directory / "meta.json").exists()
+                and database.staged_plan(staging) is None):  # parts waiting there are merged (or finished) below
             raise MissingFileError(f"exit.database={directory} does not exist: build it with `python -m raee.build_db "
                                    f"db.dir={directory}` or leave exit.database=null to build one automatically")
         expected = database.setup_description(backbone, head, self.key_encoder, self.tolerance)
@@ -120,7 +122,6 @@ class RetrievalExit(Calibrated, ExitStrategy):
             db.check_compatible(expected)
             return db
 
-        staging = database.staging_dir(directory)  # beside the target: survives a killed build, to be resumed
         built = []
 
         def build(path: Path) -> None:
