@@ -39,28 +39,40 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's raee (the comparisons import it)
-COLUMNS = ("setup", "measurement", "parts", "jobs", "command", "seconds", "rows", "shards", "content_hash",
-           "identical", "load_start", "load_end", "note")
+COLUMNS = ("setup", "measurement", "parts", "jobs", "command", "seconds", "cpu_seconds", "rows", "shards",
+           "content_hash", "identical", "load_start", "load_end", "note")
 
 
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of the finished child processes so far (load-independent work)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(args: list[str], log: Path, cwd: Path) -> tuple[float, str, str]:
-    """One command in its own process (nice 10), its output appended to ``log``: (seconds, load before, after)."""
+    """One command in its own process (nice 10), its output appended to ``log``: (seconds, load before, after).
+    The command's CPU seconds (all its processes, joblib's workers included) go to ``LAST_CPU``."""
     before = load()
+    cpu = cpu_seconds()
     started = time.perf_counter()
     with open(log, "a") as f:
         f.write(f"\n$ {shlex.join(args)}\n")
         f.flush()
         proc = subprocess.run(["nice", "-n", "10", *args], cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=ENV)
     seconds = time.perf_counter() - started
+    LAST_CPU[0] = cpu_seconds() - cpu
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {shlex.join(args)}; see {log}")
     return seconds, before, load()
 
 
+LAST_CPU = [0.0]
 ENV = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
 
 
@@ -120,6 +132,8 @@ def provenance(out: Path, entry: dict[str, Any]) -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                 capture_output=True, text=True).stdout.strip())
+    if not commit and (REPO / "COMMIT").exists():  # a copy of the code (git archive) names its commit there
+        commit, dirty = (REPO / "COMMIT").read_text().strip(), False
     data["machine"] = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
                        "torch": torch.__version__, "transformers": transformers.__version__,
                        "faiss": faiss.__version__}
@@ -141,9 +155,9 @@ def measure_parts(args: argparse.Namespace, overrides: list[str]) -> None:
         commands[measurement] = cmd
         seconds, before, after = run(cmd, log, work)
         rows.append({"setup": args.name, "measurement": measurement, "parts": parts, "jobs": jobs,
-                     "command": shlex.join(cmd), "seconds": round(seconds, 1), "load_start": before,
-                     "load_end": after})
-        print(f"{measurement}: {seconds:.1f} s (load {before} -> {after})", flush=True)
+                     "command": shlex.join(cmd), "seconds": round(seconds, 1), "cpu_seconds": round(LAST_CPU[0], 1),
+                     "load_start": before, "load_end": after})
+        print(f"{measurement}: {seconds:.1f} s, {LAST_CPU[0]:.1f} CPU s (load {before} -> {after})", flush=True)
         return seconds
 
     step("warm-up (head fit, small database)", build_db(*common, f"db.dir={work / 'warmup'}", "db.fraction=0.02"), 1)
@@ -159,7 +173,8 @@ def measure_parts(args: argparse.Namespace, overrides: list[str]) -> None:
                             f"db.dir={many}", "db.rebuild=true"), args.parts, args.jobs)
     merge_s = step("merge", build_db(*common, f"db.dir={many}", "db.merge=true"), args.parts)
     rows.append({"setup": args.name, "measurement": f"build in {args.parts} parts + merge", "parts": args.parts,
-                 "jobs": args.jobs, "command": "the two commands above", "seconds": round(parts_s + merge_s, 1)})
+                 "jobs": args.jobs, "command": "the two commands above", "seconds": round(parts_s + merge_s, 1),
+                 "cpu_seconds": round(rows[-2]["cpu_seconds"] + rows[-1]["cpu_seconds"], 1)})
     same = compare_databases(one, many)
     evals = {}
     for name, directory in (("one", one), ("parts", many)):
@@ -197,7 +212,8 @@ def measure_resume(args: argparse.Namespace, overrides: list[str]) -> None:
     def record(measurement: str, cmd: list[str], seconds: float, before: str, after: str, note: str = "") -> None:
         commands[measurement] = cmd
         rows.append({"setup": args.name, "measurement": measurement, "parts": 1, "jobs": 1, "command": shlex.join(cmd),
-                     "seconds": round(seconds, 1), "load_start": before, "load_end": after, "note": note})
+                     "seconds": round(seconds, 1), "cpu_seconds": round(LAST_CPU[0], 1), "load_start": before,
+                     "load_end": after, "note": note})
         print(f"{measurement}: {seconds:.1f} s (load {before} -> {after}) {note}", flush=True)
 
     warm = build_db(*common, f"db.dir={work / 'warmup'}", "db.fraction=0.02")
@@ -210,7 +226,7 @@ def measure_resume(args: argparse.Namespace, overrides: list[str]) -> None:
     cmd = build_db(*common, f"db.dir={target}", "db.rebuild=true")
     progress = work / "resumed.parts" / "progress.log"
     total = len(meta(whole)["shards"])
-    before, started = load(), time.perf_counter()
+    before, started, cpu = load(), time.perf_counter(), cpu_seconds()
     with open(log, "a") as f:
         f.write(f"\n$ {shlex.join(cmd)}  (killed when {total // 2} of {total} shards are done)\n")
         f.flush()
@@ -224,6 +240,7 @@ def measure_resume(args: argparse.Namespace, overrides: list[str]) -> None:
             time.sleep(0.2)
         proc.wait()
     killed_s = time.perf_counter() - started
+    LAST_CPU[0] = cpu_seconds() - cpu
     done = len(list((work / "resumed.parts").glob("part-0-of-1/shards/*/shard.json")))
     record("build killed about half way", cmd, killed_s, before, load(), f"{done} of {total} shards complete")
     resume = build_db(*common, f"db.dir={target}")
