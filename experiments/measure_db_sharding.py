@@ -19,7 +19,7 @@ hash, every table, the neighbours of every stored key under exact search) and RA
 layers on the test split (``python -m raee.run exit=raee db.dir=...`` for each). ``resume`` times an
 uninterrupted build, a build killed when half its shards are done, and the resumed build, and compares the
 resumed database with the uninterrupted one. Rows are appended to <out>/measurements.csv; <out>/provenance.json
-records the commands, the commit and the machine.
+records each command's provenance (raee.provenance's format: command, commit, times, load, machine, versions).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -55,10 +54,13 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(args: list[str], log: Path, cwd: Path) -> tuple[float, str, str]:
+def run(args: list[str], log: Path, cwd: Path, note: str = "") -> tuple[float, str, str]:
     """One command in its own process (nice 10), its output appended to ``log``: (seconds, load before, after).
-    The command's CPU seconds (all its processes, joblib's workers included) go to ``LAST_CPU``."""
-    before = load()
+    The command's CPU seconds (all its processes, joblib's workers included) go to ``LAST_CPU``, its
+    provenance step to ``STEPS``."""
+    from raee.provenance import _now, load_average, step_record
+
+    before, load_start, start_time, commit = load(), load_average(), _now(), code_commit()
     cpu = cpu_seconds()
     started = time.perf_counter()
     with open(log, "a") as f:
@@ -67,12 +69,16 @@ def run(args: list[str], log: Path, cwd: Path) -> tuple[float, str, str]:
         proc = subprocess.run(["nice", "-n", "10", *args], cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=ENV)
     seconds = time.perf_counter() - started
     LAST_CPU[0] = cpu_seconds() - cpu
+    STEPS.append(step_record(shlex.join(["nice", "-n", "10", *args]), start_time, load_start, seconds,
+                             proc.returncode, cwd=cwd, commit=commit)
+                 | {"cpu_seconds": round(LAST_CPU[0], 1), "note": note})
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {shlex.join(args)}; see {log}")
     return seconds, before, load()
 
 
 LAST_CPU = [0.0]
+STEPS: list[dict[str, Any]] = []
 ENV = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
 
 
@@ -119,27 +125,30 @@ def write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def provenance(out: Path, entry: dict[str, Any]) -> None:
-    """Append one measurement's provenance to <out>/provenance.json (commands, commit, machine, versions)."""
-    import faiss
-    import torch
-    import transformers
+def code_commit() -> tuple[str | None, bool | None]:
+    """The commit of the code that runs (a copy made with git archive names it in COMMIT)."""
+    from raee.provenance import git_commit
 
-    path = out / "provenance.json"
-    data = json.loads(path.read_text()) if path.exists() else {"measurements": []}
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                capture_output=True, text=True).stdout.strip())
-    if not commit and (REPO / "COMMIT").exists():  # a copy of the code (git archive) names its commit there
+    commit, dirty = git_commit(REPO)
+    if commit is None and (REPO / "COMMIT").exists():
         commit, dirty = (REPO / "COMMIT").read_text().strip(), False
-    data["machine"] = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-                       "torch": torch.__version__, "transformers": transformers.__version__,
-                       "faiss": faiss.__version__}
-    data["measurements"].append({"commit": commit, "dirty": dirty, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                 "script": shlex.join([sys.executable, *sys.argv])} | entry)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    return commit, dirty
+
+
+def provenance(out: Path, setup: str, kind: str, comparison: dict[str, Any]) -> None:
+    """Add this measurement's commands (:data:`STEPS`) to <out>/provenance.json (raee.provenance's format 1),
+    and what the comparison found under ``comparisons``."""
+    from raee.provenance import FILE, FORMAT
+
+    path = out / FILE
+    record = json.loads(path.read_text()) if path.exists() else {
+        "format": FORMAT, "experiment": out.name, "status": "measured", "steps": [],
+        "note": "each step is one command of experiments/measure_db_sharding.py, run as its own process with "
+                "nice -n 10 on a machine shared with other jobs (see each step's load_average); the script: "
+                + shlex.join(["python", "experiments/measure_db_sharding.py", *sys.argv[1:]])}
+    record["steps"] += STEPS
+    record.setdefault("comparisons", {})[f"{setup} {kind}"] = comparison
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def measure_parts(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -147,13 +156,10 @@ def measure_parts(args: argparse.Namespace, overrides: list[str]) -> None:
     work.mkdir(parents=True, exist_ok=True)
     common = [*overrides, f"paths.cache_dir={args.cache_dir}", "logger=none", "hydra.output_subdir=null",
               f"hydra.run.dir={work / 'hydra'}"]
-    commands: dict[str, list[str]] = {}
     rows: list[dict[str, Any]] = []
-    load_start = load()
 
     def step(measurement: str, cmd: list[str], parts: int, jobs: int = 1) -> float:
-        commands[measurement] = cmd
-        seconds, before, after = run(cmd, log, work)
+        seconds, before, after = run(cmd, log, work, note=f"{args.name}: {measurement}")
         rows.append({"setup": args.name, "measurement": measurement, "parts": parts, "jobs": jobs,
                      "command": shlex.join(cmd), "seconds": round(seconds, 1), "cpu_seconds": round(LAST_CPU[0], 1),
                      "load_start": before, "load_end": after})
@@ -194,9 +200,7 @@ def measure_parts(args: argparse.Namespace, overrides: list[str]) -> None:
         row.update(rows=m["count"], shards=len(m["shards"]), content_hash=m["content_hash"][:16],
                    identical=identical)
     write_rows(out, rows)
-    provenance(out, {"setup": args.name, "kind": "parts", "overrides": overrides, "commands": commands,
-                     "load_start": load_start, "load_end": load(), "comparison": same,
-                     "seconds": {r["measurement"]: r["seconds"] for r in rows}})
+    provenance(out, args.name, f"in {args.parts} parts", same)
     print(json.dumps(same, indent=2))
 
 
@@ -206,27 +210,27 @@ def measure_resume(args: argparse.Namespace, overrides: list[str]) -> None:
     common = [*overrides, f"paths.cache_dir={args.cache_dir}", "logger=none", "hydra.output_subdir=null",
               f"hydra.run.dir={work / 'hydra'}"]
     rows: list[dict[str, Any]] = []
-    commands: dict[str, list[str]] = {}
-    load_start = load()
 
     def record(measurement: str, cmd: list[str], seconds: float, before: str, after: str, note: str = "") -> None:
-        commands[measurement] = cmd
         rows.append({"setup": args.name, "measurement": measurement, "parts": 1, "jobs": 1, "command": shlex.join(cmd),
                      "seconds": round(seconds, 1), "cpu_seconds": round(LAST_CPU[0], 1), "load_start": before,
                      "load_end": after, "note": note})
         print(f"{measurement}: {seconds:.1f} s (load {before} -> {after}) {note}", flush=True)
 
     warm = build_db(*common, f"db.dir={work / 'warmup'}", "db.fraction=0.02")
-    record("warm-up (head fit, small database)", warm, *run(warm, log, work))
+    record("warm-up (head fit, small database)", warm, *run(warm, log, work, f"{args.name}: warm-up"))
     whole = work / "uninterrupted"
     cmd = build_db(*common, f"db.dir={whole}", "db.rebuild=true")
-    full_s, before, after = run(cmd, log, work)
+    full_s, before, after = run(cmd, log, work, f"{args.name}: uninterrupted build")
     record("uninterrupted build", cmd, full_s, before, after)
     target = work / "resumed"
     cmd = build_db(*common, f"db.dir={target}", "db.rebuild=true")
     progress = work / "resumed.parts" / "progress.log"
     total = len(meta(whole)["shards"])
+    from raee.provenance import _now, load_average, step_record
+
     before, started, cpu = load(), time.perf_counter(), cpu_seconds()
+    load_start, start_time, commit = load_average(), _now(), code_commit()
     with open(log, "a") as f:
         f.write(f"\n$ {shlex.join(cmd)}  (killed when {total // 2} of {total} shards are done)\n")
         f.flush()
@@ -241,10 +245,14 @@ def measure_resume(args: argparse.Namespace, overrides: list[str]) -> None:
         proc.wait()
     killed_s = time.perf_counter() - started
     LAST_CPU[0] = cpu_seconds() - cpu
+    STEPS.append(step_record(shlex.join(["nice", "-n", "10", *cmd]), start_time, load_start, killed_s,
+                             proc.returncode, cwd=work, commit=commit)
+                 | {"cpu_seconds": round(LAST_CPU[0], 1),
+                    "note": f"{args.name}: the same build killed (SIGKILL) when half its shards were done"})
     done = len(list((work / "resumed.parts").glob("part-0-of-1/shards/*/shard.json")))
     record("build killed about half way", cmd, killed_s, before, load(), f"{done} of {total} shards complete")
     resume = build_db(*common, f"db.dir={target}")
-    resume_s, before, after = run(resume, log, work)
+    resume_s, before, after = run(resume, log, work, f"{args.name}: the killed build resumed")
     record("resumed build", resume, resume_s, before, after, f"time saved against a restart: {full_s - resume_s:.1f} s")
     same = compare_databases(whole, target)
     identical = same["content_hash_equal"] and all(same["tables_equal"].values())
@@ -252,10 +260,7 @@ def measure_resume(args: argparse.Namespace, overrides: list[str]) -> None:
     for row in rows:
         row.update(rows=m["count"], shards=len(m["shards"]), content_hash=m["content_hash"][:16], identical=identical)
     write_rows(out, rows)
-    provenance(out, {"setup": args.name, "kind": "resume", "overrides": overrides, "commands": commands,
-                     "load_start": load_start, "load_end": load(), "comparison": same, "shards_done_at_kill": done,
-                     "shards": total, "seconds": {r["measurement"]: r["seconds"] for r in rows},
-                     "time_saved_s": round(full_s - resume_s, 1)})
+    provenance(out, args.name, "resumed", same | {"shards_done_at_kill": done, "shards": total})
     print(json.dumps(same, indent=2))
 
 
