@@ -46,12 +46,39 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def cpu_seconds() -> float:
-    """User + system CPU seconds of the finished child processes so far (load-independent work)."""
-    import resource
+class CpuMeter:
+    """CPU seconds (user + system) of a process and every process under it (joblib's workers, the ranks),
+    sampled by psutil every half second until :meth:`stop`; a process that ends between two samples loses
+    at most its last half second."""
 
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        import psutil
+
+        self.root, self.seen, self.done = psutil.Process(pid), {}, threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        import psutil
+
+        while not self.done.wait(0.5):
+            try:
+                processes = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for process in processes:
+                try:
+                    times = process.cpu_times()
+                    self.seen[(process.pid, process.create_time())] = times.user + times.system
+                except psutil.Error:
+                    pass
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return sum(self.seen.values())
 
 
 def run(args: list[str], log: Path, cwd: Path, note: str = "") -> tuple[float, str, str]:
@@ -61,14 +88,15 @@ def run(args: list[str], log: Path, cwd: Path, note: str = "") -> tuple[float, s
     from raee.provenance import _now, load_average, step_record
 
     before, load_start, start_time, commit = load(), load_average(), _now(), code_commit()
-    cpu = cpu_seconds()
     started = time.perf_counter()
     with open(log, "a") as f:
         f.write(f"\n$ {shlex.join(args)}\n")
         f.flush()
-        proc = subprocess.run(["nice", "-n", "10", *args], cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=ENV)
+        proc = subprocess.Popen(["nice", "-n", "10", *args], cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=ENV)
+        meter = CpuMeter(proc.pid)
+        proc.wait()
     seconds = time.perf_counter() - started
-    LAST_CPU[0] = cpu_seconds() - cpu
+    LAST_CPU[0] = meter.stop()
     STEPS.append(step_record(shlex.join(["nice", "-n", "10", *args]), start_time, load_start, seconds,
                              proc.returncode, cwd=cwd, commit=commit)
                  | {"cpu_seconds": round(LAST_CPU[0], 1), "note": note})
@@ -229,13 +257,14 @@ def measure_resume(args: argparse.Namespace, overrides: list[str]) -> None:
     total = len(meta(whole)["shards"])
     from raee.provenance import _now, load_average, step_record
 
-    before, started, cpu = load(), time.perf_counter(), cpu_seconds()
+    before, started = load(), time.perf_counter()
     load_start, start_time, commit = load_average(), _now(), code_commit()
     with open(log, "a") as f:
         f.write(f"\n$ {shlex.join(cmd)}  (killed when {total // 2} of {total} shards are done)\n")
         f.flush()
         proc = subprocess.Popen(["nice", "-n", "10", *cmd], cwd=work, stdout=f, stderr=subprocess.STDOUT, env=ENV,
                                 start_new_session=True)
+        meter = CpuMeter(proc.pid)
         while proc.poll() is None:
             done = progress.read_text().count(" done: ") if progress.exists() else 0
             if done >= total // 2:
@@ -244,7 +273,7 @@ def measure_resume(args: argparse.Namespace, overrides: list[str]) -> None:
             time.sleep(0.2)
         proc.wait()
     killed_s = time.perf_counter() - started
-    LAST_CPU[0] = cpu_seconds() - cpu
+    LAST_CPU[0] = meter.stop()
     STEPS.append(step_record(shlex.join(["nice", "-n", "10", *cmd]), start_time, load_start, killed_s,
                              proc.returncode, cwd=work, commit=commit)
                  | {"cpu_seconds": round(LAST_CPU[0], 1),
