@@ -11,6 +11,8 @@ recorded beside every timing (timings on a shared machine are noisy: re-run on a
         +experiment=raee_lm backbone=smollm2 data=rotten_tomatoes
     # a one-part BBC News build killed about half way (SIGKILL), then resumed
     python experiments/measure_db_sharding.py resume --name bbcnews
+    # the one-part build alone, with one torch thread (after parts: compares with its database)
+    python experiments/measure_db_sharding.py one --name bbcnews --threads 1
 
 ``parts`` first builds a small warm-up database (fits and caches the head, loads the weights once), then
 the database in one process, then the parts (``-m hydra/launcher=joblib hydra.launcher.n_jobs=<jobs>
@@ -81,7 +83,8 @@ class CpuMeter:
         return sum(self.seen.values())
 
 
-def run(args: list[str], log: Path, cwd: Path, note: str = "") -> tuple[float, str, str]:
+def run(args: list[str], log: Path, cwd: Path, note: str = "", env: dict[str, str] | None = None
+        ) -> tuple[float, str, str]:
     """One command in its own process (nice 10), its output appended to ``log``: (seconds, load before, after).
     The command's CPU seconds (all its processes, joblib's workers included) go to ``LAST_CPU``, its
     provenance step to ``STEPS``."""
@@ -92,12 +95,14 @@ def run(args: list[str], log: Path, cwd: Path, note: str = "") -> tuple[float, s
     with open(log, "a") as f:
         f.write(f"\n$ {shlex.join(args)}\n")
         f.flush()
-        proc = subprocess.Popen(["nice", "-n", "10", *args], cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=ENV)
+        proc = subprocess.Popen(["nice", "-n", "10", *args], cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
+                                env=ENV | (env or {}))
         meter = CpuMeter(proc.pid)
         proc.wait()
     seconds = time.perf_counter() - started
     LAST_CPU[0] = meter.stop()
-    STEPS.append(step_record(shlex.join(["nice", "-n", "10", *args]), start_time, load_start, seconds,
+    prefix = [f"{k}={v}" for k, v in (env or {}).items()]
+    STEPS.append(step_record(shlex.join([*prefix, "nice", "-n", "10", *args]), start_time, load_start, seconds,
                              proc.returncode, cwd=cwd, commit=commit)
                  | {"cpu_seconds": round(LAST_CPU[0], 1), "note": note})
     if proc.returncode:
@@ -232,6 +237,27 @@ def measure_parts(args: argparse.Namespace, overrides: list[str]) -> None:
     print(json.dumps(same, indent=2))
 
 
+def measure_one(args: argparse.Namespace, overrides: list[str]) -> None:
+    """The one-process build again, with ``--threads`` torch threads (OMP_NUM_THREADS)."""
+    work, out, log = args.work / args.name, args.out, args.log
+    work.mkdir(parents=True, exist_ok=True)
+    common = [*overrides, f"paths.cache_dir={args.cache_dir}", "logger=none", "hydra.output_subdir=null",
+              f"hydra.run.dir={work / 'hydra'}"]
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    measurement = f"build in 1 part, {args.threads or 'default'} thread(s)"
+    cmd = build_db(*common, f"db.dir={work / 'one-threads'}", "db.rebuild=true")
+    seconds, before, after = run(cmd, log, work, f"{args.name}: {measurement}", env)
+    m = meta(work / "one-threads")
+    same = {"content_hash_equal": (work / "one").exists() and meta(work / "one")["content_hash"] == m["content_hash"]}
+    write_rows(out, [{"setup": args.name, "measurement": measurement, "parts": 1, "jobs": 1,
+                      "command": shlex.join([*(f"{k}={v}" for k, v in env.items()), *cmd]), "seconds": round(seconds, 1),
+                      "cpu_seconds": round(LAST_CPU[0], 1), "rows": m["count"], "shards": len(m["shards"]),
+                      "content_hash": m["content_hash"][:16], "identical": same["content_hash_equal"],
+                      "load_start": before, "load_end": after}])
+    provenance(out, args.name, measurement, same)
+    print(f"{measurement}: {seconds:.1f} s, {LAST_CPU[0]:.1f} CPU s (load {before} -> {after}); {same}")
+
+
 def measure_resume(args: argparse.Namespace, overrides: list[str]) -> None:
     work, out, log = args.work / f"{args.name}-resume", args.out, args.log
     work.mkdir(parents=True, exist_ok=True)
@@ -295,10 +321,12 @@ def measure_resume(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("parts", "resume"))
+    parser.add_argument("what", choices=("parts", "resume", "one"),
+                        help="parts: 1 part vs --parts parts; resume: killed and resumed; one: the 1-part build alone")
     parser.add_argument("--name", required=True, help="a name for this setup (rows and work folders)")
     parser.add_argument("--parts", type=int, default=4)
     parser.add_argument("--jobs", type=int, default=2, help="joblib processes running the parts")
+    parser.add_argument("--threads", type=int, default=None, help="one: OMP_NUM_THREADS of the build")
     parser.add_argument("--work", type=Path, default=Path("/work/cache/db_sharding"), help="databases go here")
     parser.add_argument("--cache-dir", default="/work/cache", help="paths.cache_dir (fitted heads)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "db_sharding")
@@ -310,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     args.log = (args.log or args.work / f"{args.name}-{args.what}.log").resolve()
-    (measure_parts if args.what == "parts" else measure_resume)(args, overrides)
+    {"parts": measure_parts, "resume": measure_resume, "one": measure_one}[args.what](args, overrides)
 
 
 if __name__ == "__main__":
