@@ -13,6 +13,8 @@ recorded beside every timing (timings on a shared machine are noisy: re-run on a
     python experiments/measure_db_sharding.py resume --name bbcnews
     # the one-part build alone, with one torch thread (after parts: compares with its database)
     python experiments/measure_db_sharding.py one --name bbcnews --threads 1
+    # the results page's tables from what was measured
+    python experiments/measure_db_sharding.py tables
 
 ``parts`` first builds a small warm-up database (fits and caches the head, loads the weights once), then
 the database in one process, then the parts (``-m hydra/launcher=joblib hydra.launcher.n_jobs=<jobs>
@@ -250,7 +252,8 @@ def measure_one(args: argparse.Namespace, overrides: list[str]) -> None:
     m = meta(work / "one-threads")
     same = {"content_hash_equal": (work / "one").exists() and meta(work / "one")["content_hash"] == m["content_hash"]}
     write_rows(out, [{"setup": args.name, "measurement": measurement, "parts": 1, "jobs": 1,
-                      "command": shlex.join([*(f"{k}={v}" for k, v in env.items()), *cmd]), "seconds": round(seconds, 1),
+                      "command": shlex.join([*(f"{k}={v}" for k, v in env.items()), *cmd]),
+                      "seconds": round(seconds, 1),
                       "cpu_seconds": round(LAST_CPU[0], 1), "rows": m["count"], "shards": len(m["shards"]),
                       "content_hash": m["content_hash"][:16], "identical": same["content_hash_equal"],
                       "load_start": before, "load_end": after}])
@@ -319,11 +322,83 @@ def measure_resume(args: argparse.Namespace, overrides: list[str]) -> None:
     print(json.dumps(same, indent=2))
 
 
+SETUPS = {"bbcnews": "BBC News (MiniLM + prototype head)", "smollm2_rt": "SmolLM2-135M, Rotten Tomatoes (raee_lm)"}
+
+
+def yes(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
+def same_database(comparison: dict[str, Any]) -> bool:
+    return bool(comparison["content_hash_equal"] and all(comparison["tables_equal"].values())
+                and comparison["neighbours_equal"] is not False)
+
+
+def write_tables(out: Path) -> None:
+    """builds.csv and resume.csv (the results page's tables) from <out>/measurements.csv and the comparisons in
+    <out>/provenance.json; where a measurement was repeated, its last row counts."""
+    with open(out / "measurements.csv") as f:
+        last = {(r["setup"], r["measurement"]): r for r in csv.DictReader(f)}
+    comparisons = json.loads((out / "provenance.json").read_text())["comparisons"]
+
+    def row(setup: str, measurement: str) -> dict[str, str]:
+        return last[(setup, measurement)]
+
+    def secs(value: str) -> str:
+        return f"{float(value):.0f}" if value else ""
+
+    builds = []
+    order = list(SETUPS)
+    for key, comparison in sorted(comparisons.items(), key=lambda kv: order.index(kv[0].split()[0])
+                                  if kv[0].split()[0] in order else len(order)):
+        setup, _, kind = key.partition(" ")
+        if not kind.startswith("in ") or setup not in SETUPS:
+            continue
+        parts = int(kind.split()[1])
+        one, total, merge = (row(setup, m) for m in ("build in 1 part", f"build in {parts} parts + merge", "merge"))
+        builds.append({"setup": SETUPS[setup], "build": "one process", "rows": one["rows"], "shards": one["shards"],
+                       "wall_s": secs(one["seconds"]), "cpu_s": secs(one["cpu_seconds"]), "merge_s": "",
+                       "same_database": "(reference)", "same_raee": "(reference)"})
+        for label, measurement in (("one process, 1 thread", "build in 1 part, 1 thread(s)"),
+                                   ("one process (again, just after)", "build in 1 part, default thread(s)")):
+            if (setup, measurement) in last:
+                r = row(setup, measurement)
+                builds.append({"setup": SETUPS[setup], "build": label, "rows": r["rows"], "shards": r["shards"],
+                               "wall_s": secs(r["seconds"]), "cpu_s": secs(r["cpu_seconds"]), "merge_s": "",
+                               "same_database": yes(r["identical"] == "True"), "same_raee": ""})
+        builds.append({"setup": SETUPS[setup], "build": f"{parts} parts (joblib, 2 at a time) + merge",
+                       "rows": total["rows"], "shards": total["shards"], "wall_s": secs(total["seconds"]),
+                       "cpu_s": secs(total["cpu_seconds"]), "merge_s": secs(merge["seconds"]),
+                       "same_database": yes(same_database(comparison)),
+                       "same_raee": f"{yes(comparison['raee_predictions_equal'])} "
+                                    f"({comparison['raee']['num_examples']} test examples)"})
+    with open(out / "builds.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(builds[0]))
+        writer.writeheader()
+        writer.writerows(builds)
+    comparison = comparisons["bbcnews resumed"]
+    total, done = comparison["shards"], comparison["shards_done_at_kill"]
+    whole = float(row("bbcnews", "uninterrupted build")["seconds"])
+    with open(out / "resume.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["run", "shards", "wall_s", "cpu_s", "saved_s", "same_database"])
+        writer.writeheader()
+        for label, measurement, shards in (("uninterrupted", "uninterrupted build", f"{total} of {total}"),
+                                           ("killed when half its shards were done", "build killed about half way",
+                                            f"{done} of {total} (then killed)"),
+                                           ("resumed", "resumed build", f"{total - done} of {total}")):
+            r = row("bbcnews", measurement)
+            writer.writerow({"run": label, "shards": shards, "wall_s": secs(r["seconds"]),
+                             "cpu_s": secs(r["cpu_seconds"]),
+                             "saved_s": f"{whole - float(r['seconds']):.0f}" if label == "resumed" else "",
+                             "same_database": yes(same_database(comparison)) if label == "resumed" else ""})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("parts", "resume", "one"),
-                        help="parts: 1 part vs --parts parts; resume: killed and resumed; one: the 1-part build alone")
-    parser.add_argument("--name", required=True, help="a name for this setup (rows and work folders)")
+    parser.add_argument("what", choices=("parts", "resume", "one", "tables"),
+                        help="parts: 1 part vs --parts parts; resume: killed and resumed; one: the 1-part build "
+                             "alone; tables: builds.csv and resume.csv (the results page) from --out's measurements")
+    parser.add_argument("--name", default=None, help="a name for this setup (rows and work folders)")
     parser.add_argument("--parts", type=int, default=4)
     parser.add_argument("--jobs", type=int, default=2, help="joblib processes running the parts")
     parser.add_argument("--threads", type=int, default=None, help="one: OMP_NUM_THREADS of the build")
@@ -338,6 +413,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     args.log = (args.log or args.work / f"{args.name}-{args.what}.log").resolve()
+    if args.what == "tables":
+        write_tables(args.out)
+        return
+    if not args.name:
+        parser.error(f"{args.what} needs --name")
     {"parts": measure_parts, "resume": measure_resume, "one": measure_one}[args.what](args, overrides)
 
 
