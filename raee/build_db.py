@@ -122,6 +122,11 @@ def merge_parts(cfg: DictConfig, raee: Any, backbone: Any, head: Any, datamodule
     target = raee.database_target(backbone, head, datamodule, cfg.paths.cache_dir)
     staging = database.staging_dir(target)
     staged = database.staged_plan(staging)
+    if staged is None and (target / "meta.json").exists():
+        db = database.ExitDatabase.load(target)
+        print(f"nothing to merge: no parts in {staging}, and {target} is a complete database")
+        report(db, backbone)
+        return str(target)
     if staged is not None and parts > 1 and int(staged["parts"]) != parts:
         raise UserError(f"{staging} holds a build in {staged['parts']} parts, this merge asks for db.parts={parts}: "
                         f"merge with db.parts={staged['parts']} (or leave db.parts out)")

@@ -240,6 +240,8 @@ def test_build_db_parts_then_merge_and_first_use(tmp_path, capsys):
     assert json.loads((Path(merged) / "meta.json").read_text())["content_hash"] == \
         json.loads((Path(single) / "meta.json").read_text())["content_hash"]
     assert not (tmp_path / "db.parts").exists()
+    assert build(compose_cfg(parted + ["db.merge=true"])) == merged  # merged already: nothing to do
+    assert "nothing to merge" in capsys.readouterr().out
     # no db.dir: the parts go beside the automatic database, and exit=raee merges them on first use
     auto = TINY + ["db.parts=3", cache, "db.shard_rows=8"]
     for part in range(3):
