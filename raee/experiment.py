@@ -24,6 +24,7 @@ import raee
 from raee.atomic import atomic_write_text
 from raee.backbones.base import LayerwiseBackbone
 from raee.cache import load_or_build
+from raee.distributed import combine_rank_summaries, device_count, is_main_process, multi_device, rank_loader
 from raee.errors import UserError
 from raee.exits.base import ExitStrategy
 from raee.exits.simple import FullModel, OracleExit
@@ -138,12 +139,16 @@ def evaluate(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, da
     kwargs.update(trainer_kwargs or {})
     if kwargs["enable_progress_bar"] and "callbacks" not in kwargs:
         kwargs["callbacks"] = [labelled_progress_bar(f"{split}: {strategy.name}")]
+    loader = getattr(datamodule, EVAL_LOADERS[split])()
+    if multi_device(kwargs):  # each rank a contiguous block of the same batches: no example padded or repeated
+        loader = rank_loader(loader, device_count(kwargs))
+        kwargs.setdefault("use_distributed_sampler", False)
     try:
         trainer = L.Trainer(**kwargs)
     except MisconfigurationException as err:  # e.g. trainer=gpu where Lightning finds no GPU
         raise UserError(f"Lightning cannot run the trainer settings {trainer_kwargs or {}} here ({err}): use "
                         "trainer=cpu, or fix the trainer.* overrides") from err
-    trainer.test(module, dataloaders=getattr(datamodule, EVAL_LOADERS[split])(), verbose=False)
+    trainer.test(module, dataloaders=loader, verbose=False)
     return module.results(), module.predictions()
 
 
@@ -179,6 +184,7 @@ def build_summary(results: dict[str, Any], strategy: ExitStrategy, backbone: Lay
         "tuned_knob": getattr(strategy, "knob", None), "calibration": calibration_summary(strategy),
         "status": "ok", "version": raee.__version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    summary.update(combine_rank_summaries(results, full))  # several devices: how the ranks were combined
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
 
 
@@ -247,6 +253,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  retrieval: {f(summary['retrieval_time_s'], '.3f')} s ({f((summary['retrieval_share'] or 0) * 100, '.1f')}% "
         f"of wall-clock)   exits per layer: {summary['exit_layer_counts']}",
     ]
+    if summary.get("devices"):
+        per = "; ".join(f"rank {r['rank']}: {r['num_examples']} ex, {f(r['wall_time_s'], '.3f')} s, "
+                        f"{f(r['throughput'], '.1f')} ex/s, speed-up {f(r.get('wall_speedup'), '.2f')}x"
+                        for r in summary["ranks"])
+        lines.append(f"  {summary['devices']} devices ({per}); wall-clock: sum over ranks, throughput: examples / "
+                     "slowest rank")
     if summary.get("budget"):
         b = summary["budget"]
         lines.append(f"  fine-tuned by {b['by']}: {b['epochs']} epochs, {b['steps']} steps, lr {b['lr']:g} "
@@ -316,5 +328,6 @@ def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrate
         results["flops_speedup"] = flops()
     summary = build_summary(results, strategy, backbone, head, datamodule, full, run_name=run_name, seed=seed,
                             split=split, oracle=oracle)
-    write_outputs(output_dir, summary, columns)
+    if is_main_process():  # every rank holds the gathered results; one writes them
+        write_outputs(output_dir, summary, columns)
     return summary

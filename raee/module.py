@@ -1,7 +1,9 @@
 """``EarlyExitModule``: a LightningModule that runs backbone + head + exit strategy and measures it.
 
 ``test_step`` / ``predict_step`` tokenise a batch, time the exit loop (synchronising CUDA before
-reading the clock) and record, per example, the prediction, exit layer, confidence and label.
+reading the clock) and record, per example, the prediction, exit layer, confidence and label. On
+several devices each rank records its own slice and the ranks' records are gathered at the end of
+the pass (:mod:`raee.distributed`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import lightning as L
 import torch
 
 from raee.backbones.base import LayerwiseBackbone
+from raee.distributed import gather_ranks, rank_results
 from raee.exit_loop import ExitResult, run_early_exit
 from raee.exits.base import BatchContext, ExitStrategy
 from raee.features import encode_batch
@@ -33,6 +36,7 @@ class EarlyExitModule(L.LightningModule):
         self.records: list[dict[str, torch.Tensor]] = []
         self.wall_time_s = 0.0
         self.timings: dict[str, float] = {}
+        self.rank_runs: list[dict[str, Any]] = []  # each rank's examples and seconds (several devices)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -80,11 +84,13 @@ class EarlyExitModule(L.LightningModule):
                 "exit_layer": result.exit_layers, "confidence": result.confidences}
 
     def on_test_epoch_end(self) -> None:
+        gather_ranks(self)  # several devices: every rank's rows and timings, on every rank
         stats = self.results()
         for key in ("accuracy", "macro_f1", "mcc", "pearson", "spearman", "mse", "mean_exit_layer", "wall_time_s",
                     "throughput"):
             if stats.get(key) is not None:
-                self.log(f"test/{key}", float(stats[key]), sync_dist=False)
+                # the same on every rank once gathered: synchronising keeps Lightning's epoch-level check quiet
+                self.log(f"test/{key}", float(stats[key]), sync_dist=self.trainer.world_size > 1)
 
     # ------------------------------------------------------------------ results
     def predictions(self) -> dict[str, torch.Tensor]:
@@ -110,4 +116,6 @@ class EarlyExitModule(L.LightningModule):
                     "retrieval_share": retrieval / self.wall_time_s if self.wall_time_s else None,
                     "timings": dict(self.timings),
                     "layer_examples": list(self.backbone.layer_examples)})
+        if len(self.rank_runs) > 1:
+            out.update(rank_results(self.rank_runs, n))
         return out

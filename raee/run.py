@@ -160,6 +160,7 @@ def close_logger(logger: Any, status: str) -> None:
 
 def run(cfg: DictConfig, output_dir: str, group: str | None = None) -> dict[str, Any]:
     """Run the composed config, write results to ``output_dir`` and return the summary."""
+    from raee.distributed import is_main_process
     from raee.experiment import format_summary, run_experiment
     from raee.logs import quiet_console
 
@@ -181,8 +182,10 @@ def run(cfg: DictConfig, output_dir: str, group: str | None = None) -> dict[str,
         status = "success"
     finally:
         close_logger(logger, status)
-    print(f"{' result ':=^100}\n{format_summary(summary)}\n  files: {output_dir}/summary.json, "
-          f"{output_dir}/predictions.csv" + (f"\n  {location}" if location else "") + f"\n{'=' * 100}", flush=True)
+    if is_main_process():
+        print(f"{' result ':=^100}\n{format_summary(summary)}\n  files: {output_dir}/summary.json, "
+              f"{output_dir}/predictions.csv" + (f"\n  {location}" if location else "") + f"\n{'=' * 100}",
+              flush=True)
     return summary
 
 
@@ -235,9 +238,28 @@ def main(cfg: DictConfig) -> tuple[float, ...] | None:
         hc = HydraConfig.get()
         multirun = hc.mode == RunMode.MULTIRUN
         group = Path(hc.sweep.dir).as_posix().replace("/", "_").strip("_") if multirun else None
-        summary = run_job(cfg, hc.runtime.output_dir, multirun=multirun, overrides=list(hc.overrides.task),
-                          group=group)
+        with job_ranks(cfg, hc):  # trainer.devices=N: this job's other ranks run beside it
+            summary = run_job(cfg, hc.runtime.output_dir, multirun=multirun, overrides=list(hc.overrides.task),
+                              group=group)
         return objective_values(summary, cfg.get("objectives"))
+
+
+def job_ranks(cfg: DictConfig, hc: Any) -> Any:
+    """trainer.devices=N (N > 1, one node): this job's ranks 1..N-1 as processes of the same job (its overrides,
+    its output directory), while this process is rank 0 (see raee.distributed.launch_ranks)."""
+    from raee.distributed import device_count, launch_ranks
+
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    processes = device_count(trainer) if int(trainer.get("num_nodes", 1) or 1) == 1 else 1
+    done = (Path(hc.runtime.output_dir) / "summary.json").exists() and not cfg.get("redo", False)
+    quoted = "'" + str(hc.runtime.output_dir).replace("'", "\\'") + "'"  # a sweep's job directory holds = and ,
+    command = [sys.executable, "-m", "raee.run", *hc.overrides.task, f"hydra.run.dir={quoted}",
+               "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    if hc.job.config_name != "config":
+        command.append(f"--config-name={hc.job.config_name}")
+    command += [f"--config-dir={source.path}" for source in hc.runtime.config_sources
+                if source.provider == "command-line" and source.schema == "file"]
+    return launch_ranks(1 if done else processes, command, hc.runtime.output_dir)
 
 
 #: Hydra plugins behind config options, and the extra that installs each

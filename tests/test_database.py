@@ -177,7 +177,7 @@ def test_keys_can_be_left_out(setup, tmp_path):
         database.resolve_keep_keys("sometimes", 1, 1)
 
 
-def test_an_interrupted_build_leaves_nothing_that_loads(setup, tmp_path, monkeypatch):
+def test_an_interrupted_build_leaves_nothing_that_loads_and_resumes(setup, tmp_path, monkeypatch):
     bb, head, dm = setup
     real_flush = store.ShardWriter._flush
     written = []
@@ -192,10 +192,11 @@ def test_an_interrupted_build_leaves_nothing_that_loads(setup, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         build_database(bb, head, BackboneKeys(), TorchExactRetriever(), dm, tmp_path / "direct", shard_rows=4,
                        progress=False)
-    assert len(list((tmp_path / "direct" / "shards").iterdir())) == 2
+    staged = tmp_path / "direct.parts" / "part-0-of-1" / "shards"
+    assert sorted(p.name for p in staged.iterdir()) == ["00000", "00001"]  # the shards it finished
     with pytest.raises(FileNotFoundError, match="no meta.json"):
         ExitDatabase.load(tmp_path / "direct")
-    # through exit=raee's cache: nothing at the target, no temporary directory left behind
+    # through exit=raee's cache: nothing at the target, no temporary directory; its shards wait beside it
     monkeypatch.setattr(store, "default_shard_rows", lambda *_: 4)
     written.clear()
     strategy = RaeeExit(BackboneKeys(), TorchExactRetriever(), RobustAggregator())
@@ -203,6 +204,16 @@ def test_an_interrupted_build_leaves_nothing_that_loads(setup, tmp_path, monkeyp
         strategy.fit(bb, head, dm, cache_dir=tmp_path / "cache", progress=False)
     target = strategy.default_database_dir(bb, head, dm, tmp_path / "cache")
     assert not target.exists() and not list(target.parent.glob(f".{target.name}.{BUILDING}*"))
+    assert len(list(database.staging_dir(target).glob("part-0-of-1/shards/*/shard.json"))) == 2
+    # the next use resumes: only the rows of the two missing shards (10 of 18) go through the model
+    monkeypatch.setattr(store.ShardWriter, "_flush", real_flush)
+    bb.reset_counters()
+    strategy.fit(bb, head, dm, cache_dir=tmp_path / "cache", progress=False)
+    assert bb.layer_examples[1] == 10 and strategy.db.size == 18
+    assert not database.staging_dir(target).exists()  # merged into the database, then removed
+    whole = build_database(bb, head, BackboneKeys(), TorchExactRetriever(), dm, tmp_path / "whole", shard_rows=4,
+                           progress=False)
+    assert strategy.db.meta["content_hash"] == whole.meta["content_hash"]  # every shard file the same
 
 
 def test_append_then_search_equals_a_build_of_the_union(setup, tmp_path):
@@ -358,15 +369,16 @@ def test_a_process_killed_mid_build_leaves_no_database_that_loads(tmp_path, setu
     proc.start()
     proc.join(180)
     assert proc.exitcode == -signal.SIGKILL
-    (building,) = (tmp_path / "cache" / "db").glob(f".*.{BUILDING}*")
-    assert len(list((building / "shards").iterdir())) == 2  # it died with two shards written
-    for path in [building, *(p for p in (tmp_path / "cache" / "db").iterdir() if not p.name.startswith("."))]:
+    (staged,) = (tmp_path / "cache" / "db").glob("*.parts")
+    assert len(list(staged.glob("part-0-of-1/shards/*"))) == 2  # it died with two shards written
+    for path in [staged, *(p for p in (tmp_path / "cache" / "db").iterdir() if p.suffix != ".parts")]:
         with pytest.raises((FileNotFoundError, ValueError)):
             ExitDatabase.load(path)
-    bb, head, dm = setup  # the next job builds a complete database and clears the dead build
+    bb, head, dm = setup  # the next job builds a complete database, clears the dead build and its parts
     strategy = RaeeExit(BackboneKeys(), FaissRetriever("Flat"), RobustAggregator())
     strategy.fit(bb, head, dm, cache_dir=tmp_path / "cache", progress=False)
     assert strategy.db.size == 18 and not list((tmp_path / "cache" / "db").glob(f".*.{BUILDING}*"))
+    assert not staged.exists()
 
 
 # ---------------------------------------------------------------------------- python -m raee.build_db db.append=...

@@ -1,9 +1,10 @@
-"""Build an exit database by streaming, and append to one, in bounded memory.
+"""The rows of an exit database, its index and meta.json; appending to one, in bounded memory.
 
-Build: one backbone pass over (a fraction of) the training split; each batch's keys and exit
-tables go to a :class:`~raee.database.store.ShardWriter` (memory: one batch plus one shard's
-buffer, whatever N is). Then the index is trained on a seeded sample of the stored keys and
-filled shard by shard, the keys are dropped unless kept, and meta.json is written last: a
+Rows: one batch through every layer gives each example's key and exit tables (:func:`exit_rows`),
+which a :class:`~raee.database.store.ShardWriter` writes shard by shard (memory: one batch plus one
+shard's buffer, whatever N is); :mod:`raee.database.parts` plans and runs the pass (in parts,
+resumable). Finish (:func:`finish_database`): the index is trained on a seeded sample of the stored
+keys and filled shard by shard, the keys are dropped unless kept, and meta.json is written last: a
 directory without it never loads, so an interrupted build leaves nothing that passes for complete.
 
 Append: new shards beside the existing ones (hard links, nothing recomputed), the existing index
@@ -23,12 +24,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import raee
 from raee.atomic import atomic_write_text
 from raee.backbones.base import LayerwiseBackbone
 from raee.database import store
-from raee.database.exit_db import (FORMAT_VERSION, INDEX_DIR, META_FILE, ExitDatabase, describe_retriever,
-                                   retriever_class, setup_description)
+from raee.database.exit_db import (INDEX_DIR, META_FILE, ExitDatabase, describe_retriever, retriever_class,
+                                   setup_description)
 from raee.errors import UserError
 from raee.exits.simple import within_tolerance
 from raee.features import encode_batch
@@ -119,55 +119,12 @@ def fill_index(retriever: Any, key_files: list[Path], counts: list[int], *, seed
         retriever.add(keys)
 
 
-@torch.no_grad()
-def build_database(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, retriever: Any,
-                   datamodule: Any, directory: str | Path, *, fraction: float = 1.0, seed: int = 42,
-                   keep_keys: bool | str = "auto", shard_rows: int | None = None,
-                   tolerance: float | None = None, progress: bool = True) -> ExitDatabase:
-    """Stream one backbone pass over (a fraction of) the training split into the empty ``directory``.
-
-    keep_keys: keep the raw keys (another retriever can then be built without a backbone pass), drop
-        them, or "auto": keep them when they take at most 2 GiB (:data:`KEEP_KEYS_AUTO_BYTES`).
-    shard_rows: rows per shard (default: about 128 MiB of keys and tables per shard).
-    tolerance: a regression head's "correct" is |prediction - target| <= tolerance (required for one;
-        stored in the metadata and checked on use).
-    Write into a fresh directory and rename it (as :func:`raee.cache.load_or_build` does) for an
-    atomic result; on its own, a failed build leaves a directory without meta.json, which never loads.
-    """
-    tolerance = regression_tolerance(head, tolerance)
-    directory = _empty_directory(directory)
-    n_train = len(datamodule.split("train"))
-    chosen = torch.from_numpy(select_fraction(n_train, fraction, seed))
-    started = time.perf_counter()
-    writer: store.ShardWriter | None = None
-    source = {"dataset": getattr(datamodule, "name", None), "split": "train"}
-    for batch in tqdm(datamodule.train_dataloader(), desc="exit database", disable=not progress, leave=False):
-        take = torch.isin(batch["index"], chosen)
-        if not take.any():
-            continue
-        rows = exit_rows(backbone, head, key_encoder, _subset(batch, take), tolerance)
-        if writer is None:
-            rows_per_shard = shard_rows or store.default_shard_rows(rows["keys"].shape[1], backbone.num_layers)
-            writer = store.ShardWriter(directory / store.SHARDS_DIR, rows_per_shard, source=source)
-        writer.add(**rows)
-    if writer is None:
-        raise UserError("no training example was selected for the exit database (empty training split?)")
-    shards = writer.close()
-    count = len(chosen)
-    meta = setup_description(backbone, head, key_encoder, tolerance) | {
-        "format": FORMAT_VERSION, "dataset": source["dataset"], "split": "train", "fraction": fraction,
-        "seed": seed, "train_size": n_train, "label_names": list(getattr(datamodule, "label_names", []) or []),
-        "keep_keys": resolve_keep_keys(keep_keys, count, _key_dim(directory, shards[0])),
-        "version": raee.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    return finish_database(directory, retriever, meta, shards, started=started, progress=progress)
-
-
 def finish_database(directory: Path, retriever: Any, meta: dict[str, Any], new_shards: list[str],
                     old_records: list[dict[str, Any]] | None = None, started: float | None = None,
-                    progress: bool = True) -> ExitDatabase:
+                    progress: bool = True, new_records: list[dict[str, Any]] | None = None) -> ExitDatabase:
     """Index the new shards' keys (a fresh index, or ``retriever`` extended when there are old shards),
-    drop the keys unless kept, and write meta.json last."""
+    drop the keys unless kept, and write meta.json last. ``new_records``: the new shards' records when
+    already computed and checked (a merge), else they are computed here (each file hashed)."""
     old_records = old_records or []
     key_files = store.key_files(directory, [{"name": n} for n in new_shards])
     counts = [int(np.load(f, mmap_mode="r", allow_pickle=False).shape[0]) for f in key_files]
@@ -177,7 +134,7 @@ def finish_database(directory: Path, retriever: Any, meta: dict[str, Any], new_s
     if not meta["keep_keys"]:
         for path in key_files:
             path.unlink()
-    records = old_records + [store.shard_record(directory, name) for name in new_shards]
+    records = old_records + (new_records or [store.shard_record(directory, name) for name in new_shards])
     meta = dict(meta, retriever=describe_retriever(retriever), count=sum(r["count"] for r in records),
                 key_dim=int(retriever.dim), shards=records, content_hash=store.content_hash(records))
     if started is not None:
@@ -231,20 +188,6 @@ def append_database(directory: str | Path, backbone: LayerwiseBackbone, head: An
         finish_database(new, retriever, meta, shards, old_records=records, started=started, progress=progress)
 
     return load_or_build(directory, build, ExitDatabase.load, auto=False, what="exit database", rebuild=True)
-
-
-def _empty_directory(directory: str | Path) -> Path:
-    directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()):
-        raise UserError(f"cannot build an exit database into {directory}: it is not empty (give a new directory; "
-                        "python -m raee.build_db replaces an existing database atomically)")
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
-
-
-def _key_dim(directory: Path, shard: str) -> int:
-    return int(np.load(directory / store.SHARDS_DIR / shard / f"{store.KEYS}.npy", mmap_mode="r",
-                       allow_pickle=False).shape[1])
 
 
 def _subset(batch: dict[str, Any], take: torch.Tensor) -> dict[str, Any]:

@@ -12,6 +12,7 @@ layer by layer from the same neighbours.
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -34,7 +35,8 @@ class RetrievalExit(Calibrated, ExitStrategy):
 
     def __init__(self, key_encoder: Any, retriever: Any, aggregator: Any, k: int = 12, database: str | None = None,
                  fraction: float = 1.0, seed: int = 42, rebuild: bool = False, keep_keys: bool | str = "auto",
-                 tolerance: float = 0.5, **calibration: Any) -> None:
+                 tolerance: float = 0.5, shard_rows: int | None = None, resume: bool | None = None,
+                 **calibration: Any) -> None:
         if k < 1:
             raise UserError(f"exit.k={k} must be at least 1 (number of neighbours retrieved)")
         self.init_calibration(**calibration)
@@ -46,6 +48,10 @@ class RetrievalExit(Calibrated, ExitStrategy):
         self.fraction = float(fraction)
         self.seed = int(seed)
         self.rebuild = bool(rebuild)
+        # a killed build's complete shards are kept and the build goes on from there, unless rebuilding
+        # (python -m raee.build_db rebuilds the database but resumes its shards unless db.rebuild=true)
+        self.resume = not self.rebuild if resume is None else bool(resume)
+        self.shard_rows = None if shard_rows is None else int(shard_rows)
         self.keep_keys = keep_keys
         self.tolerance = float(tolerance)
         self.plan_layer = key_encoder.plan_layer
@@ -83,6 +89,12 @@ class RetrievalExit(Calibrated, ExitStrategy):
                              "keep_keys": str(self.keep_keys), "format": FORMAT_VERSION})
         return Path(cache_dir or "artifacts/cache") / "db" / key
 
+    def database_target(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any, cache_dir: Any) -> Path:
+        """The database directory this strategy uses: ``database`` (db.dir) or the automatic cache entry."""
+        if self.database_dir:
+            return Path(self.database_dir)
+        return self.default_database_dir(backbone, head, datamodule, cache_dir)
+
     def fit(self, backbone: LayerwiseBackbone, head: Any, datamodule: Any, cache_dir: Any = None,
             progress: bool = True) -> None:
         """Load the exit database (checking it matches this setup) or build it from the training split.
@@ -90,13 +102,17 @@ class RetrievalExit(Calibrated, ExitStrategy):
         Built at most once however many processes ask (:func:`raee.cache.load_or_build`: a file lock,
         built in a temporary directory, then renamed). A damaged automatic cache entry is rebuilt with
         a warning; a database named with ``database`` (db.dir) is never rebuilt unless ``rebuild``.
+        The build works in ``<database>.parts`` beside it: a killed build resumes there, and the parts of
+        a build in several jobs (``python -m raee.build_db -m db.part=0,1 db.parts=2``) are merged on
+        first use once all are present.
         """
         from raee import database
         from raee.cache import load_or_build
 
-        directory = Path(self.database_dir) if self.database_dir else self.default_database_dir(
-            backbone, head, datamodule, cache_dir)
-        if self.database_dir and not self.rebuild and not (directory / "meta.json").exists():
+        directory = self.database_target(backbone, head, datamodule, cache_dir)
+        staging = database.staging_dir(directory)  # beside the target: survives a killed build, to be resumed
+        if (self.database_dir and not self.rebuild and not (directory / "meta.json").exists()
+                and database.staged_plan(staging) is None):  # parts waiting there are merged (or finished) below
             raise MissingFileError(f"exit.database={directory} does not exist: build it with `python -m raee.build_db "
                                    f"db.dir={directory}` or leave exit.database=null to build one automatically")
         expected = database.setup_description(backbone, head, self.key_encoder, self.tolerance)
@@ -106,13 +122,19 @@ class RetrievalExit(Calibrated, ExitStrategy):
             db.check_compatible(expected)
             return db
 
+        built = []
+
         def build(path: Path) -> None:
             database.build_database(backbone, head, self.key_encoder, self.retriever, datamodule, path,
                                     fraction=self.fraction, seed=self.seed, keep_keys=self.keep_keys,
-                                    tolerance=self.tolerance, progress=progress)
+                                    shard_rows=self.shard_rows, tolerance=self.tolerance, progress=progress,
+                                    staging=staging, rebuild=not self.resume)
+            built.append(path)
 
         db = load_or_build(directory, build, load, auto=not self.database_dir, what="exit database",
                            rebuild=self.rebuild)
+        if built:  # the parts are in the database now (hard links): their staging folder goes
+            shutil.rmtree(staging, ignore_errors=True)
         if db.meta["retriever"] != database.describe_retriever(self.retriever):
             db = db.with_retriever(self.retriever, progress=progress)  # another index, same keys: no backbone pass
         self.use_database(db)
@@ -174,9 +196,11 @@ class RaeeExit(RetrievalExit, PlannedExit):
 
     def __init__(self, key_encoder: Any, retriever: Any, aggregator: Any, k: int = 12, database: str | None = None,
                  fraction: float = 1.0, seed: int = 42, rebuild: bool = False, keep_keys: bool | str = "auto",
-                 tolerance: float = 0.5, **calibration: Any) -> None:
+                 tolerance: float = 0.5, shard_rows: int | None = None, resume: bool | None = None,
+                 **calibration: Any) -> None:
         super().__init__(key_encoder, retriever, aggregator, k=k, database=database, fraction=fraction, seed=seed,
-                         rebuild=rebuild, keep_keys=keep_keys, tolerance=tolerance, **calibration)
+                         rebuild=rebuild, keep_keys=keep_keys, tolerance=tolerance, shard_rows=shard_rows,
+                         resume=resume, **calibration)
         self.last: dict[str, torch.Tensor] = {}  # neighbours and distribution of the last batch (notebooks)
 
     def validate(self, num_layers: int) -> None:
