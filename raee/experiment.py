@@ -23,6 +23,7 @@ import raee
 from raee.atomic import atomic_write_text
 from raee.backbones.base import LayerwiseBackbone
 from raee.cache import load_or_build
+from raee.cost import cost_summary
 from raee.errors import UserError
 from raee.exits.base import ExitStrategy
 from raee.exits.simple import FullModel, OracleExit
@@ -171,9 +172,10 @@ def build_summary(results: dict[str, Any], strategy: ExitStrategy, backbone: Lay
         "budget": training_budget(strategy, head),
         "retrieval_time_s": results["retrieval_time_s"], "retrieval_share": results["retrieval_share"],
         "timings": results.get("timings", {}), "exit_layer_counts": results["exit_layer_counts"],
-        "tuned_knob": getattr(strategy, "knob", None), "calibration": calibration_summary(strategy),
+        "tuned_knob": getattr(strategy, "tuned_knobs", None) or getattr(strategy, "knob", None), "calibration": calibration_summary(strategy),
         "status": "ok", "version": raee.__version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    summary |= cost_summary(results, full_time, backbone.num_layers)  # keys and retrieval in layer equivalents
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
 
 
@@ -238,6 +240,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  retrieval: {f(summary['retrieval_time_s'], '.3f')} s ({f((summary['retrieval_share'] or 0) * 100, '.1f')}% "
         f"of wall-clock)   exits per layer: {summary['exit_layer_counts']}",
     ]
+    if summary.get("cost_layer_equivalents") is not None:  # raee.cost: keys and retrieval in backbone layers
+        lines.append(
+            f"  cost: {f(summary['cost_layer_equivalents'], '.2f')} layer equivalents (layers "
+            f"{f(summary.get('mean_layers_computed'), '.2f')} + keys {f(summary.get('key_layer_equivalents'), '.2f')} + "
+            f"retrieval {f(summary.get('retrieval_layer_equivalents'), '.2f')})   speed-up in layer equivalents: "
+            f"{f(summary.get('cost_speedup'), '.2f')}x   wall / that: {f(summary.get('wall_per_cost_speedup'), '.2f')}")
     if summary.get("budget"):
         b = summary["budget"]
         lines.append(f"  fine-tuned by {b['by']}: {b['epochs']} epochs, {b['steps']} steps, lr {b['lr']:g} "

@@ -31,7 +31,7 @@ from raee.database.exit_db import (FORMAT_VERSION, INDEX_DIR, META_FILE, ExitDat
                                    retriever_class, setup_description)
 from raee.errors import UserError
 from raee.exits.simple import within_tolerance
-from raee.features import encode_batch
+from raee.features import encode_batch, run_to_layer
 from raee.keys import KeyEncoder
 
 #: db.keep_keys=auto keeps the raw float32 keys when they take at most this much disk (N x D x 4 bytes):
@@ -61,14 +61,23 @@ def select_fraction(n: int, fraction: float, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def exit_rows(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, batch: dict[str, Any],
-              tolerance: float | None = None) -> dict[str, np.ndarray]:
+              tolerance: float | None = None, layer_logits: Any = None) -> dict[str, np.ndarray]:
     """One batch through every layer -> its database rows: keys (B, D), labels (B,), ids (B,) and, per
     layer 0..L, preds (B, L+1), probs (B, L+1) and correct (B, L+1) (:func:`layer_rows`). Hidden
-    states are dropped on return."""
+    states are dropped on return.
+
+    layer_logits: the training split's per-layer head outputs computed before
+    (:func:`raee.calibration.tables.load_or_compute_layer_logits`); then the batch runs only up to the key layer."""
     enc = encode_batch(backbone, head, batch)
-    states = backbone.all_layers(**enc)
-    keys = key_encoder.encode(states[key_encoder.plan_layer], list(batch["text"]))
-    preds, probs, correct = layer_rows([head(s) for s in states], batch["label"], tolerance)
+    if layer_logits is None:
+        states = backbone.all_layers(**enc)
+        keys = key_encoder.encode(states[key_encoder.plan_layer], list(batch["text"]))
+        outputs = [head(s) for s in states]
+    else:
+        keys = key_encoder.encode(run_to_layer(backbone, enc, key_encoder.plan_layer), list(batch["text"]))
+        stored = layer_logits.logits[layer_logits.rows_of(batch["index"])]  # (B, L+1, C)
+        outputs = list(stored.unbind(1))
+    preds, probs, correct = layer_rows(outputs, batch["label"], tolerance)
     return {"keys": keys.float().cpu().numpy(), "labels": batch["label"].cpu().numpy(), "preds": preds.numpy(),
             "probs": probs.numpy(), "correct": correct.numpy(), "ids": batch["index"].long().cpu().numpy()}
 
@@ -123,7 +132,7 @@ def fill_index(retriever: Any, key_files: list[Path], counts: list[int], *, seed
 def build_database(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, retriever: Any,
                    datamodule: Any, directory: str | Path, *, fraction: float = 1.0, seed: int = 42,
                    keep_keys: bool | str = "auto", shard_rows: int | None = None,
-                   tolerance: float | None = None, progress: bool = True) -> ExitDatabase:
+                   tolerance: float | None = None, progress: bool = True, layer_logits: Any = None) -> ExitDatabase:
     """Stream one backbone pass over (a fraction of) the training split into the empty ``directory``.
 
     keep_keys: keep the raw keys (another retriever can then be built without a backbone pass), drop
@@ -131,10 +140,13 @@ def build_database(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncod
     shard_rows: rows per shard (default: about 128 MiB of keys and tables per shard).
     tolerance: a regression head's "correct" is |prediction - target| <= tolerance (required for one;
         stored in the metadata and checked on use).
+    layer_logits: the training split's per-layer head outputs, computed once for every key setting
+        (:func:`raee.calibration.tables.load_or_compute_layer_logits`): the pass then stops at the key layer.
     Write into a fresh directory and rename it (as :func:`raee.cache.load_or_build` does) for an
     atomic result; on its own, a failed build leaves a directory without meta.json, which never loads.
     """
     tolerance = regression_tolerance(head, tolerance)
+    key_encoder.bind(backbone, head)
     directory = _empty_directory(directory)
     n_train = len(datamodule.split("train"))
     chosen = torch.from_numpy(select_fraction(n_train, fraction, seed))
@@ -145,7 +157,7 @@ def build_database(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncod
         take = torch.isin(batch["index"], chosen)
         if not take.any():
             continue
-        rows = exit_rows(backbone, head, key_encoder, _subset(batch, take), tolerance)
+        rows = exit_rows(backbone, head, key_encoder, _subset(batch, take), tolerance, layer_logits)
         if writer is None:
             rows_per_shard = shard_rows or store.default_shard_rows(rows["keys"].shape[1], backbone.num_layers)
             writer = store.ShardWriter(directory / store.SHARDS_DIR, rows_per_shard, source=source)
@@ -202,6 +214,8 @@ def append_database(directory: str | Path, backbone: LayerwiseBackbone, head: An
 
     directory = Path(directory)
     started = time.perf_counter()
+
+    key_encoder.bind(backbone, head)
 
     def build(new: Path) -> None:
         old = ExitDatabase.load(directory)

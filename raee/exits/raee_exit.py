@@ -50,6 +50,7 @@ class RetrievalExit(Calibrated, ExitStrategy):
         self.tolerance = float(tolerance)
         self.plan_layer = key_encoder.plan_layer
         self.db = None
+        self.key_choice: dict[str, Any] | None = None  # key_encoder.pooling=auto: what the validation split chose
 
     def knobs(self) -> dict[str, Any]:
         settings = {k: v for k, v in vars(self.aggregator).items() if isinstance(v, (int, float, str, bool))}
@@ -93,7 +94,18 @@ class RetrievalExit(Calibrated, ExitStrategy):
         """
         from raee import database
         from raee.cache import load_or_build
+        from raee.calibration.tables import load_or_compute_layer_logits
 
+        self.key_encoder.bind(backbone, head)
+        if getattr(self.key_encoder, "pooling", None) == "auto":  # chosen on validation before the database exists
+            from raee.key_choice import choose_pooling
+
+            if getattr(head, "regression", False):
+                raise UserError("key_encoder.pooling=auto chooses by the neighbours' label vote, which a regression "
+                                "task has not: give key_encoder.pooling=mean, text or last")
+            self.key_choice = choose_pooling(self.key_encoder, backbone, head, datamodule, k=self.k,
+                                             fraction=self.fraction, seed=self.seed, cache_dir=cache_dir,
+                                             progress=progress)
         directory = Path(self.database_dir) if self.database_dir else self.default_database_dir(
             backbone, head, datamodule, cache_dir)
         if self.database_dir and not self.rebuild and not (directory / "meta.json").exists():
@@ -107,9 +119,13 @@ class RetrievalExit(Calibrated, ExitStrategy):
             return db
 
         def build(path: Path) -> None:
+            # every layer's outputs on the training split are shared by every key setting (cached): the build
+            # itself then runs the backbone only up to the key layer
+            layer_logits = (load_or_compute_layer_logits(backbone, head, datamodule, "train", cache_dir, progress)
+                            if cache_dir is not None else None)
             database.build_database(backbone, head, self.key_encoder, self.retriever, datamodule, path,
                                     fraction=self.fraction, seed=self.seed, keep_keys=self.keep_keys,
-                                    tolerance=self.tolerance, progress=progress)
+                                    tolerance=self.tolerance, progress=progress, layer_logits=layer_logits)
 
         db = load_or_build(directory, build, load, auto=not self.database_dir, what="exit database",
                            rebuild=self.rebuild)
@@ -125,6 +141,7 @@ class RetrievalExit(Calibrated, ExitStrategy):
 
     def prepare(self, backbone: LayerwiseBackbone, head: Any) -> None:
         super().prepare(backbone, head)
+        self.key_encoder.bind(backbone, head)
         if self.db is None:
             raise RuntimeError("RAEE has no exit database: call fit() (run_experiment does) or use_database()")
         from raee.database import setup_description
@@ -136,6 +153,18 @@ class RetrievalExit(Calibrated, ExitStrategy):
             self.k = self.db.size
 
     # ------------------------------------------------------------------ retrieval
+    #: whether the strategy retrieves at all in its current setting (a calibrated choice may answer without)
+    retrieves: bool = True
+
+    def calibration_overhead(self, tables: Any) -> float:
+        """The keys' layer equivalents on ``tables`` (a separate encoder's FLOPs) when this setting retrieves."""
+        return tables.key_layer_equivalents() if self.retrieves else 0.0
+
+    def key_flops(self, texts: list[str]) -> float:
+        """FLOPs of the keys of ``texts`` beyond the backbone's layers (a separate encoder's; 0 when the strategy
+        does not retrieve). Counted outside the timed region (:mod:`raee.cost`)."""
+        return float(self.key_encoder.flops(texts).sum()) if self.retrieves else 0.0
+
     def neighbours(self, state: LayerState, texts: list[str], timings: dict[str, float] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys of the batch at :attr:`plan_layer` -> (distances (B, k) float, smaller = nearer; ids (B, k) long,
