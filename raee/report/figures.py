@@ -131,7 +131,8 @@ def plot_exit_layers(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def plot_pareto(df: pd.DataFrame, path: str | Path, axis: str = "layers") -> Path:
-    """pareto_layers.png (axis="layers": accuracy against mean layers computed, lower is better) or
+    """pareto_layers.png (axis="layers": accuracy against the cost in layer equivalents, keys included, lower is
+    better; :func:`raee.report.pareto.cost_column`) or
     pareto_speedup.png (axis="speedup": against the wall-clock speed-up). One panel per dataset/backbone/head,
     one line per curve (:func:`raee.report.pareto.curve_names`); dominated runs hollow, calibrated runs as
     large stars, the oracle as a black star and the full model's accuracy as a dotted line."""
@@ -178,7 +179,7 @@ def plot_pareto(df: pd.DataFrame, path: str | Path, axis: str = "layers") -> Pat
         dataset, backbone, head = (str(k) for k in key)
         ax.set_title(f"{dataset} | {backbone.rstrip('/').split('/')[-1]} | {head}   "
                      "(hollow = dominated, star = calibrated on validation)", fontsize=9)
-        ax.set_xlabel("mean layers computed per example (keys' layers included)" if axis == "layers"
+        ax.set_xlabel("cost per example in backbone layer equivalents (layers, keys, retrieval)" if axis == "layers"
                       else "wall-clock speed-up vs the full model (same process)")
         if axis == "speedup":
             ax.axvline(1.0, color="grey", lw=0.8, ls=":")
