@@ -269,15 +269,35 @@ def full_model_reference(strategy: ExitStrategy) -> FullModel:
     return reference() if callable(reference) else FullModel()
 
 
+#: full-model references measured in this process (reuse_full=True), by what they depend on
+_FULL_REFERENCES: dict[str, dict[str, Any]] = {}
+
+
+def full_reference_key(backbone: LayerwiseBackbone, head: Head, datamodule: Any, split: str,
+                       reference: ExitStrategy, warmup_batches: int) -> str:
+    """What a full-model reference run depends on: model, head, data and its split's content, the evaluation batch
+    size, the warm-up and the reference's own code path."""
+    from raee.calibration.tables import split_fingerprint
+
+    dataset = datamodule.split(split)
+    return fingerprint({"backbone": backbone.describe(), "head": head.describe(), "data": data_description(datamodule),
+                        "split": split, "content": split_fingerprint(dataset), "n": len(dataset),
+                        "batch": getattr(datamodule, "eval_batch_size", None) or getattr(datamodule, "batch_size", None),
+                        "warmup": warmup_batches,
+                        "reference": reference.name, "knobs": reference.knobs()})
+
+
 def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, datamodule: Any, *,
                    output_dir: str | Path, run_name: str = "run", seed: int = 42, compare_full: bool = True,
                    compare_oracle: bool = False, cache_dir: str | Path | None = "artifacts/cache",
                    trainer_kwargs: dict[str, Any] | None = None,
                    logger: Any = None, warmup_batches: int = 1, progress: bool = True,
-                   split: str = "test", regression_tolerance: float = 0.5) -> dict[str, Any]:
+                   split: str = "test", regression_tolerance: float = 0.5, reuse_full: bool = False) -> dict[str, Any]:
     """Everything one run does on the ``split`` (test; validation when choosing knobs); returns the summary
     (also written to ``output_dir``). regression_tolerance: the oracle's "correct" on a regression task
-    (|prediction - target| <= it)."""
+    (|prediction - target| <= it). reuse_full: take the full model's reference from an earlier run of this process
+    on the same model, data and batch size (a sweep's jobs in one process time the full model once, not once per
+    job; the wall-clock speed-up is then against a reference timed earlier, not beside the run)."""
     check_split(split)
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule.setup("test")
@@ -289,8 +309,14 @@ def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrate
     full = None
     if compare_full and not isinstance(strategy, FullModel):
         reference = full_model_reference(strategy)
-        full, _ = evaluate(backbone, head, reference, datamodule, trainer_kwargs, None, warmup_batches, split)
-        full["reference"] = reference.name
+        key = full_reference_key(backbone, head, datamodule, split, reference, warmup_batches) if reuse_full else None
+        if key in _FULL_REFERENCES:
+            full = dict(_FULL_REFERENCES[key], reference=f"{reference.name} (timed earlier in this process)")
+        else:
+            full, _ = evaluate(backbone, head, reference, datamodule, trainer_kwargs, None, warmup_batches, split)
+            full["reference"] = reference.name
+            if key is not None:
+                _FULL_REFERENCES[key] = full
     oracle = None
     if compare_oracle and not isinstance(strategy, OracleExit):
         oracle, _ = evaluate(backbone, head, OracleExit(regression_tolerance), datamodule, trainer_kwargs, None,

@@ -266,3 +266,20 @@ def test_pooling_auto_is_chosen_by_the_validation_vote(tiny_setup, tmp_path):
     strategy = KnnExit(BackboneKeys(layer=1, pooling="auto"), TorchExactRetriever(), k=3)
     strategy.fit(backbone, head, dm, cache_dir=tmp_path, progress=False)
     assert strategy.db.meta["key_encoder"]["pooling"] == keys.pooling == strategy.key_choice["pooling"]
+
+
+def test_a_sweep_process_times_the_full_model_once_when_asked(tmp_path):
+    from raee.exits import FixedLayer
+    from raee.heads import PrototypeHead
+
+    backbone = load_backbone(tiny=TINY_CONFIGS["bert"], max_length=32)
+    dm = toy_datamodule(8)
+    runs = [run_experiment(backbone, PrototypeHead(), FixedLayer(layer), dm, output_dir=tmp_path / str(layer),
+                           cache_dir=None, progress=False, reuse_full=True,
+                           trainer_kwargs={"enable_progress_bar": False}) for layer in (1, 2)]
+    assert runs[1]["full_wall_time_s"] == runs[0]["full_wall_time_s"]
+    assert runs[0]["full_reference"] == "full" and "timed earlier in this process" in runs[1]["full_reference"]
+    other = toy_datamodule(8, batch_size=2)  # another batch size is another reference
+    fresh = run_experiment(backbone, PrototypeHead(), FixedLayer(1), other, output_dir=tmp_path / "b", cache_dir=None,
+                           progress=False, reuse_full=True, trainer_kwargs={"enable_progress_bar": False})
+    assert fresh["full_reference"] == "full"
