@@ -54,7 +54,7 @@ STRATEGIES = {
     "raee neighbour_correctness": (["exit=raee", "aggregator=neighbour_correctness"], True),
     "raee_dynamic vote_posterior": (["exit=raee_dynamic", "aggregator=vote_posterior"], True),
     "raee_dynamic neighbour_vote": (["exit=raee_dynamic", "aggregator=neighbour_vote"], True),
-    "raee_choice": (["exit=raee_choice"], True),
+    "raee_choice": (["exit=raee_choice", "aggregator=vote_posterior"], True),
 }
 
 
@@ -161,6 +161,30 @@ def replay_keys(spec: str, args: argparse.Namespace, target: list[str]) -> list[
     return rows
 
 
+def choose_keys(rows: list[dict], target: list[str]) -> None:
+    """Per calibrated strategy, the key setting the same target picks on validation (each key setting's chosen
+    setting as a candidate: its validation accuracy and cost), with its test numbers."""
+    from raee.calibration.target import CalibrationTarget, choose_point
+
+    options = dict(o.lstrip("+").split("=", 1) for o in target)
+    goal = CalibrationTarget(target=options["exit.target"], max_drop=float(options["exit.max_drop"]),
+                             max_layer=float(options["exit.max_layer"]) if "exit.max_layer" in options else None,
+                             max_cost=float(options["exit.max_cost"]) if "exit.max_cost" in options else None,
+                             gain_per_layer=None if options["exit.gain_per_layer"] in ("null", "None")
+                             else float(options["exit.gain_per_layer"]))
+    full_val = {r["keys"]: r["val_accuracy"] for r in rows if r["strategy"] == "full"}
+    print("\nkey setting chosen on validation by the same target (each key setting's calibrated choice a candidate):")
+    for name in dict.fromkeys(r["strategy"] for r in rows if r.get("calibrated")):
+        curve = [{"value": r["keys"], "accuracy": r["val_accuracy"], "cost": r["val_cost"],
+                  "mean_layers_computed": r["mean_layers_computed"], "row": r}
+                 for r in rows if r["strategy"] == name]
+        chosen, met = choose_point(curve, goal, max(full_val.values()))  # the full model is the same for every key
+        r = chosen["row"]
+        print(f"  {name:30s} keys {r['keys']:>12s}: validation {r['val_accuracy']:.4f} at {r['val_cost']:.2f}, test "
+              f"{r['test_accuracy']:.4f} at {r['cost']:.2f} layer equivalents{'' if met else ' (target not met)'}")
+        r["chosen_across_keys"] = True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides shared by every strategy (data=..., exit.k=...)")
@@ -182,6 +206,8 @@ def main() -> None:
     target += [f"++exit.max_layer={args.max_layer}"] if args.max_layer is not None else []
     target += [f"++exit.max_cost={args.max_cost}"] if args.max_cost is not None else []
     rows = [row for spec in args.keys for row in replay_keys(spec, args, target)]
+    if len(args.keys) > 1:
+        choose_keys(rows, target)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)
