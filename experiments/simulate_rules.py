@@ -141,6 +141,7 @@ def replay_keys(spec: str, args: argparse.Namespace, target: list[str]) -> list[
             chosen, met = {"aggregator.threshold": strategy.aggregator.threshold}, True
             on_val = simulate(strategy, val).scores(val.labels)
             val_acc, val_cost = on_val["accuracy"], on_val["mean_layers_computed"] + strategy.calibration_overhead(val)
+        val_correct = (simulate(strategy, val).predictions == val.labels).numpy()  # for the paired test across keys
         scores = simulate(strategy, test).scores(test.labels)
         cost = scores["mean_layers_computed"] + float(getattr(strategy, "calibration_overhead", lambda t: 0.0)(test))
         setting = ", ".join(f"{k.split('.')[-1]}={'-' if v is None else format(v, 'g')}" for k, v in chosen.items())
@@ -152,7 +153,7 @@ def replay_keys(spec: str, args: argparse.Namespace, target: list[str]) -> list[
                      "num_layers": bb.num_layers, "strategy": name, "calibrated": calibrated, "settings": chosen,
                      "val_accuracy": val_acc, "val_cost": val_cost, "test_accuracy": scores["accuracy"],
                      "mean_exit_layer": scores["mean_exit_layer"], "mean_layers_computed": scores["mean_layers_computed"],
-                     "cost": cost, "key_layer_equivalents": key_le, "met": met,
+                     "cost": cost, "key_layer_equivalents": key_le, "met": met, "_correct": val_correct,
                      "grid_size": len(result["curve"]) if calibrated else 1})
         if args.curves and calibrated:
             points = sweep_settings(strategy, test, strategy.candidates(test.num_layers, classes))
@@ -171,12 +172,14 @@ def choose_keys(rows: list[dict], target: list[str]) -> None:
                              max_layer=float(options["exit.max_layer"]) if "exit.max_layer" in options else None,
                              max_cost=float(options["exit.max_cost"]) if "exit.max_cost" in options else None,
                              gain_per_layer=None if options["exit.gain_per_layer"] in ("null", "None")
-                             else float(options["exit.gain_per_layer"]))
+                             else float(options["exit.gain_per_layer"]),
+                             gain_confidence=None if options["exit.gain_confidence"] in ("null", "None")
+                             else float(options["exit.gain_confidence"]))
     full_val = {r["keys"]: r["val_accuracy"] for r in rows if r["strategy"] == "full"}
     print("\nkey setting chosen on validation by the same target (each key setting's calibrated choice a candidate):")
     for name in dict.fromkeys(r["strategy"] for r in rows if r.get("calibrated")):
         curve = [{"value": r["keys"], "accuracy": r["val_accuracy"], "cost": r["val_cost"],
-                  "mean_layers_computed": r["mean_layers_computed"], "row": r}
+                  "mean_layers_computed": r["mean_layers_computed"], "_correct": r["_correct"], "row": r}
                  for r in rows if r["strategy"] == name]
         chosen, met = choose_point(curve, goal, max(full_val.values()))  # the full model is the same for every key
         r = chosen["row"]
@@ -193,6 +196,7 @@ def main() -> None:
     parser.add_argument("--max-layer", type=float, default=None)
     parser.add_argument("--max-cost", type=float, default=None)
     parser.add_argument("--gain-per-layer", default="0.01", help="target=accuracy: null for strictly the fastest")
+    parser.add_argument("--gain-confidence", default="0.95", help="target=accuracy: null for no paired test")
     parser.add_argument("--only", nargs="+", choices=sorted(STRATEGIES), help="a subset of the strategies")
     parser.add_argument("--keys", nargs="+", default=["config"],
                         help="key settings to replay one after the other: config (the composed key_encoder), sentence, "
@@ -202,7 +206,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()
 
     target = [f"++exit.target={args.target}", f"++exit.max_drop={args.max_drop}",
-              f"++exit.gain_per_layer={args.gain_per_layer}"]
+              f"++exit.gain_per_layer={args.gain_per_layer}", f"++exit.gain_confidence={args.gain_confidence}"]
     target += [f"++exit.max_layer={args.max_layer}"] if args.max_layer is not None else []
     target += [f"++exit.max_cost={args.max_cost}"] if args.max_cost is not None else []
     rows = [row for spec in args.keys for row in replay_keys(spec, args, target)]
@@ -210,7 +214,7 @@ def main() -> None:
         choose_keys(rows, target)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
+            json.dump([{k: v for k, v in r.items() if k != "_correct"} for r in rows], f, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,30 @@ def test_accuracy_target_takes_one_more_step_when_it_gains_enough_per_layer():
     assert choose_point(free, CalibrationTarget("accuracy", gain_per_layer=None), 0.76)[0]["value"] == "hybrid"
 
 
+def test_a_step_must_gain_beyond_the_noise_of_the_validation_split():
+    import numpy as np
+
+    from raee.calibration.target import paired_z
+
+    # 100 validation examples: the vote gets 70 right; the costlier hybrid 73, but they disagree on 33 examples
+    # (18 only the hybrid gets right, 15 only the vote): (18 - 15) / sqrt(33) = 0.52, not a real gain
+    vote = np.zeros(100, dtype=bool)
+    vote[:70] = True
+    hybrid = vote.copy()
+    hybrid[55:70] = False  # 15 the vote alone gets right
+    hybrid[70:88] = True  # 18 the hybrid alone gets right
+    assert paired_z(hybrid, vote) == pytest.approx(3 / 33 ** 0.5)
+    curve = [point("vote", 0.70, 0.0) | {"cost": 2.3, "_correct": vote},
+             point("hybrid", 0.73, 1.0) | {"cost": 3.3, "_correct": hybrid}]
+    assert choose_point(curve, CalibrationTarget("accuracy"), 0.66)[0]["value"] == "vote"
+    assert choose_point(curve, CalibrationTarget("accuracy", gain_confidence=None), 0.66)[0]["value"] == "hybrid"
+    # the same 3 points with no example the vote alone gets right is a real gain: 3 / sqrt(3) = 1.73 >= 1.645
+    sure = vote.copy()
+    sure[70:73] = True
+    curve[1] = point("hybrid", 0.73, 1.0) | {"cost": 3.3, "_correct": sure}
+    assert choose_point(curve, CalibrationTarget("accuracy"), 0.66)[0]["value"] == "hybrid"
+
+
 def test_budget_target_picks_the_most_accurate_setting_within_a_cost_with_the_keys():
     curve = [point("a", 0.90, 1.0) | {"cost": 3.5}, point("b", 0.85, 1.0) | {"cost": 1.2}, point("c", 0.80, 2.0)]
     chosen, met = choose_point(curve, CalibrationTarget("budget", max_cost=3.0), full_accuracy=0.9)

@@ -26,17 +26,19 @@ SPLIT = "validation"
 
 def sweep_settings(strategy: Any, tables: SplitTables, candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One point per candidate setting ({knob path: value}): {value (the strategy's main knob), settings (when
-    several knobs), accuracy, mean_exit_layer, mean_layers_computed, cost} on ``tables``; cost = layers computed
-    + the strategy's overhead in that setting (its keys' layer equivalents). The knobs are restored afterwards."""
+    several knobs), accuracy, mean_exit_layer, mean_layers_computed, cost, _correct (N,) bool per example} on
+    ``tables``; cost = layers computed + the strategy's overhead in that setting (its keys' layer equivalents).
+    The knobs are restored afterwards."""
     paths = sorted({path for settings in candidates for path in settings})
     before = strategy.get_settings(paths)
     curve = []
     try:
         for settings in candidates:
             strategy.apply_settings(settings)
-            scores = simulate(strategy, tables).scores(tables.labels)
+            run = simulate(strategy, tables)
+            scores = run.scores(tables.labels)
             point = {"value": settings.get(strategy.knob), **({"settings": dict(settings)} if len(paths) > 1 else {}),
-                     **scores}
+                     **scores, "_correct": (run.predictions == tables.labels).numpy()}  # for the paired test
             point["cost"] = scores["mean_layers_computed"] + float(strategy.calibration_overhead(tables))
             curve.append(point)
     finally:
@@ -65,6 +67,7 @@ def calibrate_on_tables(strategy: Any, tables: SplitTables) -> dict[str, Any]:
     curve = sweep_settings(strategy, tables, candidates)
     full = full_model_scores(tables)
     point, met = choose_point(curve, strategy.calibration, full["accuracy"])
+    curve = [{k: v for k, v in p.items() if k != "_correct"} for p in curve]  # per-example answers stay here
     return {"knob": strategy.knob, "value": point["value"], **({"settings": point["settings"]} if "settings" in point
                                                               else {}),
             "met": met, **strategy.calibration.describe(), "split": SPLIT, "num_examples": tables.size,

@@ -3,11 +3,15 @@
 Cost is the mean backbone layers computed per example plus, for a strategy that retrieves, its keys' cost in
 layer equivalents (a separate key encoder's FLOPs over one backbone layer's; :mod:`raee.cost`).
 
-``target=accuracy, max_drop=d, gain_per_layer=g``: among the settings whose validation accuracy is at least the
-full model's validation accuracy minus ``d``, the one with the highest accuracy - g x cost: the fastest such
-setting, unless a costlier one gains at least ``g`` accuracy per layer equivalent it adds (default 0.01, one
-point per layer; null: strictly the fastest). Ties go to the cheaper, then to the earlier candidate. When no
-setting qualifies, the most accurate one (warned).
+``target=accuracy, max_drop=d, gain_per_layer=g, gain_confidence=c``: among the settings whose validation
+accuracy is at least the full model's validation accuracy minus ``d``, start from the fastest (ties: the more
+accurate, then the earlier candidate) and take one more step while a costlier qualifying setting gains more: at
+least ``g`` accuracy per layer equivalent it adds (default 0.01, one point per layer), by a margin that is real
+at one-sided confidence ``c`` (default 0.95) in a paired test on the validation examples (McNemar's, normal
+approximation: (b - c) / sqrt(b + c) with b, c the examples only one of the two gets right). Of those, the
+step goes to the one with the highest accuracy - g x cost. The paired test guards against the winner's curse:
+among hundreds of candidates some beat a simple one on validation by chance. ``gain_per_layer=null``: strictly
+the fastest; ``gain_confidence=null``: no test. When no setting qualifies, the most accurate one (warned).
 
 ``target=budget, max_cost=c``: the most accurate setting whose cost is at most ``c`` layer equivalents (keys
 included); ties go to the cheaper, then to the earlier candidate. When none qualifies, the cheapest (warned).
@@ -21,6 +25,7 @@ exit at layer 0 with keys at layer 2 still cost 2 layers); for dynamic strategie
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +36,8 @@ from raee.errors import UserError
 TARGETS = ("accuracy", "mean_layer", "budget")
 #: accuracy a setting must gain per layer equivalent it adds to be preferred to a cheaper one (target=accuracy)
 GAIN_PER_LAYER = 0.01
+#: one-sided confidence that a costlier setting's gain on validation is real (target=accuracy)
+GAIN_CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class CalibrationTarget:
     grid: tuple[float, ...] | None = None  # candidate knob values (None: the strategy's default grid)
     max_cost: float | None = None  # target=budget: the most layer equivalents (keys included) allowed
     gain_per_layer: float | None = GAIN_PER_LAYER  # target=accuracy: accuracy per added layer equivalent worth paying
+    gain_confidence: float | None = GAIN_CONFIDENCE  # target=accuracy: confidence that a step's gain is real
 
     def __post_init__(self) -> None:
         if self.target is not None and self.target not in TARGETS:
@@ -58,6 +66,9 @@ class CalibrationTarget:
         if self.gain_per_layer is not None and not float(self.gain_per_layer) >= 0:
             raise UserError(f"exit.gain_per_layer={self.gain_per_layer} must be >= 0 (accuracy per added layer "
                             "equivalent, e.g. 0.01) or null (strictly the fastest setting)")
+        if self.gain_confidence is not None and not 0.5 <= float(self.gain_confidence) < 1.0:
+            raise UserError(f"exit.gain_confidence={self.gain_confidence} must be in [0.5, 1) (one-sided confidence "
+                            "that a costlier setting's gain on validation is real) or null (no test)")
         if self.grid is not None and len(self.grid) == 0:
             raise UserError("exit.grid is empty: give the candidate knob values or null for the default grid")
 
@@ -68,7 +79,9 @@ class CalibrationTarget:
     def describe(self) -> dict[str, Any]:
         if self.target == "accuracy":
             gain = None if self.gain_per_layer is None else float(self.gain_per_layer)
-            return {"target": "accuracy", "max_drop": float(self.max_drop), "gain_per_layer": gain}
+            confidence = None if self.gain_confidence is None else float(self.gain_confidence)
+            return {"target": "accuracy", "max_drop": float(self.max_drop), "gain_per_layer": gain,
+                    "gain_confidence": confidence}
         if self.target == "mean_layer":
             return {"target": "mean_layer", "max_layer": float(self.max_layer)}
         if self.target == "budget":
@@ -76,10 +89,23 @@ class CalibrationTarget:
         return {}
 
 
+def paired_z(better: Any, worse: Any) -> float:
+    """McNemar's statistic (normal approximation) that ``better`` (N,) bool right answers beat ``worse``'s on the
+    same examples: (b - c) / sqrt(b + c); +inf when only ``better`` is ever right alone, 0 when they never differ."""
+    b = int((better & ~worse).sum())
+    c = int((worse & ~better).sum())
+    return 0.0 if b + c == 0 else (math.inf if c == 0 and b > 0 else (b - c) / math.sqrt(b + c))
+
+
+def _one_sided_z(confidence: float) -> float:
+    return statistics.NormalDist().inv_cdf(float(confidence))
+
+
 def choose_point(curve: Sequence[dict[str, Any]], target: CalibrationTarget, full_accuracy: float
                  ) -> tuple[dict[str, Any], bool]:
-    """The point of ``curve`` (dicts with value, accuracy, mean_layers_computed and, optionally, cost, in candidate
-    order) that meets ``target``, and whether one met it (see the module docstring for the rule)."""
+    """The point of ``curve`` (dicts with value, accuracy, mean_layers_computed and, optionally, cost and
+    ``_correct``, the (N,) bool per-example right answers the paired test reads; in candidate order) that meets
+    ``target``, and whether one met it (see the module docstring for the rule)."""
     if not curve:
         raise UserError("calibration has no candidate settings: the grid is empty")
     order = list(range(len(curve)))
@@ -90,10 +116,23 @@ def choose_point(curve: Sequence[dict[str, Any]], target: CalibrationTarget, ful
     if target.target == "accuracy":
         ok = [i for i in order if acc[i] >= full_accuracy - float(target.max_drop) - tol]
         if ok:
+            here = min(ok, key=lambda i: (cost[i], -acc[i], i))  # the fastest
             gain = target.gain_per_layer
             if gain is None:
-                return curve[min(ok, key=lambda i: (cost[i], -acc[i], i))], True
-            return curve[min(ok, key=lambda i: (-round(acc[i] - float(gain) * cost[i], 9), cost[i], i))], True
+                return curve[here], True
+            z = None if target.gain_confidence is None else _one_sided_z(target.gain_confidence)
+
+            def real(j: int, i: int) -> bool:  # j's gain over i survives the paired test
+                if z is None or "_correct" not in curve[j] or "_correct" not in curve[i]:
+                    return True
+                return paired_z(curve[j]["_correct"], curve[i]["_correct"]) >= z
+
+            while True:  # one more step while a costlier setting gains enough, and really
+                steps = [j for j in ok if cost[j] > cost[here] + tol and acc[j] > acc[here] + tol
+                         and acc[j] - acc[here] >= float(gain) * (cost[j] - cost[here]) - tol and real(j, here)]
+                if not steps:
+                    return curve[here], True
+                here = min(steps, key=lambda j: (-round(acc[j] - float(gain) * cost[j], 9), cost[j], j))
         best = min(order, key=lambda i: (-acc[i], cost[i], i))
     elif target.target in ("mean_layer", "budget"):
         spent, limit = (layers, target.max_layer) if target.target == "mean_layer" else (cost, target.max_cost)
@@ -137,12 +176,14 @@ class Calibrated:
 
     def init_calibration(self, target: str | None = None, max_drop: float = 0.0, max_layer: float | None = None,
                          grid: Sequence[float] | None = None, max_cost: float | None = None,
-                         gain_per_layer: float | None = GAIN_PER_LAYER) -> None:
+                         gain_per_layer: float | None = GAIN_PER_LAYER,
+                         gain_confidence: float | None = GAIN_CONFIDENCE) -> None:
         self.calibration = CalibrationTarget(target=target, max_drop=float(max_drop),
                                              max_layer=None if max_layer is None else float(max_layer),
                                              grid=None if grid is None else tuple(float(v) for v in grid),
                                              max_cost=None if max_cost is None else float(max_cost),
-                                             gain_per_layer=None if gain_per_layer is None else float(gain_per_layer))
+                                             gain_per_layer=None if gain_per_layer is None else float(gain_per_layer),
+                                             gain_confidence=None if gain_confidence is None else float(gain_confidence))
         self.calibration_result = None
 
     def default_grid(self, num_layers: int, num_classes: int) -> list[float]:

@@ -33,7 +33,7 @@ SWEPT_KNOBS = ("threshold", "patience", "layer", "aggregator.threshold")
 #: methods whose exits are per token: every example computes all layers, on fewer tokens
 TOKEN_LEVEL = ("hashee",)
 #: knobs that record how a run was calibrated: the same curve
-CALIBRATION_KNOBS = ("target", "max_drop", "max_layer", "max_cost", "gain_per_layer")
+CALIBRATION_KNOBS = ("target", "max_drop", "max_layer", "max_cost", "gain_per_layer", "gain_confidence")
 
 
 def dominated(cost: Sequence[float], value: Sequence[float]) -> np.ndarray:
