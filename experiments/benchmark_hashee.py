@@ -24,6 +24,7 @@ from benchmark_raee import time_interleaved  # noqa: E402  (same folder: run as 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
+from raee.cli import user_errors  # noqa: E402
 from raee.exits import BatchContext, FullModel  # noqa: E402
 from raee.experiment import prepare_head  # noqa: E402
 from raee.features import encode_batch  # noqa: E402
@@ -72,4 +73,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # a user's error: one paragraph, exit status 2
+        main()

@@ -22,6 +22,7 @@ import time
 import torch
 
 from raee.backbones import load_backbone
+from raee.cli import user_errors
 from raee.data.sources import load_imdb, load_rotten_tomatoes
 
 
@@ -76,4 +77,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # a user's error: one paragraph, exit status 2
+        main()

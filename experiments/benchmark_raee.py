@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
+from raee.cli import user_errors  # noqa: E402
 from raee.exit_loop import run_early_exit  # noqa: E402
 from raee.exits import BatchContext, FixedLayer, FullModel  # noqa: E402
 from raee.experiment import prepare_head  # noqa: E402
@@ -170,4 +171,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # a user's error: one paragraph, exit status 2
+        main()

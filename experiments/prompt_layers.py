@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
+from raee.cli import user_errors  # noqa: E402
 from raee.features import encode_batch  # noqa: E402
 from raee.run import CONF_DIR  # noqa: E402
 
@@ -122,4 +123,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # a user's error: one paragraph, exit status 2
+        main()

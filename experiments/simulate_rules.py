@@ -39,6 +39,8 @@ from hydra.utils import instantiate  # noqa: E402
 from raee.calibration.calibrate import calibrate_on_tables, full_model_scores, sweep_settings  # noqa: E402
 from raee.calibration.simulate import simulate  # noqa: E402
 from raee.calibration.tables import load_or_compute_tables  # noqa: E402
+from raee.cli import user_errors  # noqa: E402
+from raee.errors import UserError  # noqa: E402
 from raee.exits.knn import neighbour_vote  # noqa: E402
 from raee.experiment import prepare_head  # noqa: E402
 from raee.run import CONF_DIR  # noqa: E402
@@ -130,8 +132,8 @@ def replay_keys(spec: str, args: argparse.Namespace, target: list[str]) -> list[
             strategy.num_classes = classes
             strategy.prepare(bb, head)
             if strategy.retrieval_description() != base.retrieval_description():
-                raise ValueError(f"{name}: its key encoder, retriever or k differ from exit=raee's; give them as "
-                                 "shared overrides so that one pair of tables serves every strategy")
+                raise UserError(f"{name}: its key encoder, retriever or k differ from exit=raee's; give them as "
+                                "shared overrides so that one pair of tables serves every strategy")
         if calibrated:
             result = calibrate_on_tables(strategy, val)
             chosen = result.get("settings") or {strategy.knob: result["value"]}
@@ -218,4 +220,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # a user's error: one paragraph, exit status 2
+        main()

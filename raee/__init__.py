@@ -9,6 +9,7 @@ Where things live:
 - ``raee.aggregation`` rules that turn neighbours' exit information into an exit layer
 - ``raee.module``     the LightningModule that runs and measures an exit strategy
 - ``raee.run``        the Hydra entry point (``python -m raee.run``)
+- ``raee.errors``     the errors raee raises on purpose (a user's mistake); ``raee.cli`` prints them as one paragraph
 """
 
 __version__ = "0.1.0"

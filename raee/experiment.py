@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 import raee
 from raee.atomic import atomic_write_text
@@ -138,7 +139,11 @@ def evaluate(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, da
     kwargs.update(trainer_kwargs or {})
     if kwargs["enable_progress_bar"] and "callbacks" not in kwargs:
         kwargs["callbacks"] = [labelled_progress_bar(f"{split}: {strategy.name}")]
-    trainer = L.Trainer(**kwargs)
+    try:
+        trainer = L.Trainer(**kwargs)
+    except MisconfigurationException as err:  # e.g. trainer=gpu where Lightning finds no GPU
+        raise UserError(f"Lightning cannot run the trainer settings {trainer_kwargs or {}} here ({err}): use "
+                        "trainer=cpu, or fix the trainer.* overrides") from err
     trainer.test(module, dataloaders=getattr(datamodule, EVAL_LOADERS[split])(), verbose=False)
     return module.results(), module.predictions()
 

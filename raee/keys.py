@@ -67,7 +67,7 @@ class BackboneKeys(KeyEncoder):
 
     def encode(self, state: LayerState, texts: list[str]) -> torch.Tensor:
         if state.layer != self.plan_layer:
-            raise UserError(f"backbone keys are taken at layer {self.plan_layer}, got a state of layer {state.layer}")
+            raise ValueError(f"backbone keys are taken at layer {self.plan_layer}, got a state of layer {state.layer}")
         return self._finish(self.pool(state, self.pooling))
 
     def pool(self, state: LayerState, pooling: str) -> torch.Tensor:

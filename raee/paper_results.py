@@ -251,8 +251,8 @@ def compare_with_paper(df: pd.DataFrame, table: str = "raee_table1") -> pd.DataF
     required = {"method", "dataset", "backbone", "head", "task_metric_value"}
     missing = required - set(df.columns)
     if missing:
-        raise UserError(f"the results table lacks columns {sorted(missing)}: pass the DataFrame "
-                        f"raee.report.collect(<sweep dir>) returns")
+        raise ValueError(f"the results table lacks columns {sorted(missing)}: pass the DataFrame "
+                         f"raee.report.collect(<sweep dir>) returns")
     rows: list[dict[str, Any]] = []
     matched: set[tuple[str, str, str]] = set()  # (paper method, paper backbone, paper dataset) with a run
     for _, run in df.iterrows():

@@ -23,6 +23,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from raee.cli import fail, user_error, user_errors, user_message
+from raee.errors import UserError
+
 
 def _conf_dir() -> str:
     packaged = Path(__file__).resolve().parent / "conf"
@@ -202,9 +205,10 @@ def run_job(cfg: DictConfig, output_dir: str, multirun: bool, overrides: list[st
     except Exception as err:  # noqa: BLE001 - a sweep must survive one failed job
         if not multirun:
             raise
-        log.error("run failed: %s", err)
+        shown = user_error(err) or err  # a user's error (not Hydra's wrapper around it): its message only
+        log.error("run failed: %s", user_message(err) or err)
         atomic_write_text(Path(output_dir) / "error.json", json.dumps(
-            {"status": "failed", "error": f"{type(err).__name__}: {err}", "overrides": overrides or [],
+            {"status": "failed", "error": f"{type(shown).__name__}: {shown}", "overrides": overrides or [],
              "traceback": traceback.format_exc()}, indent=2))
         return None
     (Path(output_dir) / "error.json").unlink(missing_ok=True)
@@ -218,7 +222,7 @@ def objective_values(summary: dict[str, Any] | None, objectives: Sequence[str] |
     missing = [name for name in objectives if name not in summary]
     if missing:
         numeric = sorted(k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-        raise KeyError(f"objectives {missing} are not fields of summary.json: use some of {numeric}")
+        raise UserError(f"objectives {missing} are not fields of summary.json: use some of {numeric}")
     return tuple(float("nan") if summary[name] is None else float(summary[name]) for name in objectives)
 
 
@@ -228,11 +232,13 @@ def main(cfg: DictConfig) -> tuple[float, ...] | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN
-    group = Path(hc.sweep.dir).as_posix().replace("/", "_").strip("_") if multirun else None
-    summary = run_job(cfg, hc.runtime.output_dir, multirun=multirun, overrides=list(hc.overrides.task), group=group)
-    return objective_values(summary, cfg.get("objectives"))
+    with user_errors(cfg.get("log_level")):  # a user's error: one paragraph, exit status 2
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        group = Path(hc.sweep.dir).as_posix().replace("/", "_").strip("_") if multirun else None
+        summary = run_job(cfg, hc.runtime.output_dir, multirun=multirun, overrides=list(hc.overrides.task),
+                          group=group)
+        return objective_values(summary, cfg.get("objectives"))
 
 
 #: Hydra plugins behind config options, and the extra that installs each
@@ -267,8 +273,7 @@ def cli() -> None:
     """The ``raee`` command: ``main`` behind a check that the launcher/sweeper plugins asked for exist."""
     message = missing_plugin(sys.argv[1:])
     if message:
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(message)
     if any(arg.startswith(("+hparams_search=", "hydra/sweeper=optuna")) for arg in sys.argv[1:]):
         import optuna
 

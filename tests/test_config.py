@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from raee.errors import UserError
 from raee.run import CONF_DIR, job_dirname, missing_plugin, objective_values, run_job
 
 #: the app's config groups (conf/hydra/ holds Hydra's own groups; __pycache__ is no group)
@@ -134,7 +135,7 @@ def test_objectives_for_a_search_sweeper():
     assert objective_values(summary, None) is None
     values = objective_values(summary, ["wall_speedup"])
     assert values is not None and values[0] != values[0]  # NaN: not measured
-    with pytest.raises(KeyError, match="'acc'.*accuracy"):
+    with pytest.raises(UserError, match="'acc'.*accuracy"):
         objective_values(summary, ["acc"])
 
 

@@ -270,14 +270,18 @@ def test_clear_errors(tmp_path, capsys):
         report.collect(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match=r"no summary.json below .*python -m raee.run -m"):
         report.collect(tmp_path)
-    assert report.main([str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # a user's error: one paragraph on stderr, status 2
+        report.main([str(tmp_path)])
+    assert exit_info.value.code == 2
     assert "no summary.json" in capsys.readouterr().err
     only_failed = tmp_path / "0_exit=raee"
     only_failed.mkdir()
     (only_failed / "error.json").write_text(json.dumps(FAILED["7_exit=hashee"]))
     with pytest.raises(FileNotFoundError, match="1 failed run"):
         report.collect(tmp_path)
-    assert report.main([str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(tmp_path)])
+    assert exit_info.value.code == 2
     assert "HashEE needs head=linear" in capsys.readouterr().out  # the failures are still shown
 
 

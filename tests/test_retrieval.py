@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from raee.errors import UserError
 from raee.retrieval import FaissRetriever, TorchExactRetriever, auto_nlist, clamp_k, resolve_factory, to_distances
 from raee.retrieval.faiss_index import auto_train_size
 from raee.retrieval.faiss_index import BLAS_MIN_QUERIES
@@ -379,7 +380,7 @@ def test_missing_faiss_is_a_clear_error(monkeypatch):
 def test_gpu_requested_without_gpu_is_a_clear_error():
     if faiss.get_num_gpus() > 0:
         pytest.skip("a GPU is present")
-    with pytest.raises(RuntimeError, match="no GPU.*use_gpu=auto"):
+    with pytest.raises(UserError, match="no GPU.*use_gpu=auto"):
         FaissRetriever("Flat", use_gpu=True).add(data(n=50)[0])
     r = FaissRetriever("Flat", use_gpu="auto")  # auto without a GPU: the CPU index
     r.add(data(n=50)[0])
@@ -436,7 +437,7 @@ def test_scale_configs_build_on_the_cpu(tmp_path):
         r.add(keys[start:start + 5000])
     assert not r.on_gpu and r.resolved == "IVF512_HNSW32,PQ32np,Refine(SQ8)"
     assert recall_at(r.search(queries, 10)[1], reference_ids(keys, queries)) >= 0.9
-    with pytest.raises(RuntimeError, match="use_gpu=true but FAISS sees no GPU"):
+    with pytest.raises(UserError, match="use_gpu=true but FAISS sees no GPU"):
         instantiate(OmegaConf.load(conf / "faiss_gpu.yaml")).add(keys)
 
 

@@ -44,13 +44,13 @@ class ExitInfo:
     def __post_init__(self) -> None:
         shape = tuple(self.correct.shape)
         if len(shape) != 2 or shape[1] < 1:
-            raise UserError(f"ExitInfo.correct must be (N, L+1), got shape {shape}")
+            raise ValueError(f"ExitInfo.correct must be (N, L+1), got shape {shape}")
         for name in ("preds", "probs"):
             if tuple(getattr(self, name).shape) != shape:
-                raise UserError(f"ExitInfo.{name} has shape {tuple(getattr(self, name).shape)}, "
-                                f"ExitInfo.correct has {shape}: all per-layer tables must be (N, L+1)")
+                raise ValueError(f"ExitInfo.{name} has shape {tuple(getattr(self, name).shape)}, "
+                                 f"ExitInfo.correct has {shape}: all per-layer tables must be (N, L+1)")
         if tuple(self.labels.shape) != shape[:1]:
-            raise UserError(f"ExitInfo.labels has shape {tuple(self.labels.shape)}, expected ({shape[0]},)")
+            raise ValueError(f"ExitInfo.labels has shape {tuple(self.labels.shape)}, expected ({shape[0]},)")
 
     @property
     def num_layers(self) -> int:
@@ -140,7 +140,7 @@ def gather_neighbours(distances: torch.Tensor | np.ndarray, ids: torch.Tensor | 
     ids = as_array(ids, np.int64)
     distances = as_array(distances, np.float32)
     if ids.ndim != 2 or ids.shape != distances.shape:
-        raise UserError(f"distances {tuple(distances.shape)} and ids {tuple(ids.shape)} must both be (Q, k)")
+        raise ValueError(f"distances {tuple(distances.shape)} and ids {tuple(ids.shape)} must both be (Q, k)")
     if ids.size and int(ids.max()) >= info.size:
         raise UserError(f"neighbour id {int(ids.max())} is outside the exit database ({info.size} examples): the "
                         "index and the exit tables do not match; rebuild the database with `python -m raee.build_db`")

@@ -125,7 +125,7 @@ class LayerwiseBackbone(nn.Module, ABC):
         """
         layer = state.layer + 1
         if layer > self.num_layers:
-            raise UserError(f"cannot run layer {layer}: the backbone has {self.num_layers} layers")
+            raise ValueError(f"cannot run layer {layer}: the backbone has {self.num_layers} layers")
         self.layer_examples[layer] += state.batch_size
         hidden = (compute or self._run_layer)(layer, state)
         return LayerState(hidden=hidden, attention_mask=state.attention_mask, input_ids=state.input_ids,

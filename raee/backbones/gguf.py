@@ -20,7 +20,7 @@ from pathlib import Path
 
 from raee.assets import cache_home, sha256_file
 from raee.cache import load_or_build
-from raee.errors import MissingFileError, UserError
+from raee.errors import MissingFileError, MissingPackageError, UserError
 
 #: bump when the conversion below changes what it writes (old entries are then left unused)
 CONVERSION_VERSION = 1
@@ -37,8 +37,8 @@ def converted_dir(gguf_file: str | Path) -> Path:
 
 def _require(package: str) -> None:
     if importlib.util.find_spec(package) is None:
-        raise ImportError(f"loading a GGUF checkpoint needs the pip package '{package}', which is not installed: "
-                          f"pip install gguf accelerate (both are dependencies of raee: pip install -e .)")
+        raise MissingPackageError(f"loading a GGUF checkpoint needs the pip package '{package}', which is not "
+                                  f"installed: pip install gguf accelerate (both are dependencies of raee: pip install -e .)")
 
 
 def check_gguf(gguf_file: Path, fix: str) -> None:

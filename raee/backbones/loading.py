@@ -29,7 +29,7 @@ from raee.backbones.decoder import GPT2Backbone, LlamaBackbone
 from raee.backbones.encoder import EncoderBackbone
 from raee.backbones.gemma import GemmaBackbone
 from raee.backbones.gguf import cached_gguf_model
-from raee.errors import MissingFileError, UserError
+from raee.errors import MissingFileError, MissingPackageError, UnreachableError, UserError
 
 #: names that resolve to a model shipped inside a pip package (works offline)
 OFFLINE_MODELS: dict[str, tuple[str, str]] = {
@@ -108,7 +108,7 @@ def resolve_model_source(name_or_path: str, *, packaged: bool = True) -> str:
         try:
             module = importlib.import_module(package)
         except ImportError as err:
-            raise ImportError(
+            raise MissingPackageError(
                 f"backbone '{name_or_path}' is served offline by the pip package '{package.replace('_', '-')}', "
                 f"which is not installed: pip install {package.replace('_', '-')}") from err
         return os.path.join(os.path.dirname(module.__file__), sub)
@@ -204,7 +204,7 @@ def load_backbone(name_or_path: str | None = None, *, tiny: dict[str, Any] | Non
         except OSError as err:
             offline = ("backbone.packaged=true loads its packaged offline copy" if name_or_path in PACKAGED_GGUF
                        else f"offline names: {sorted(OFFLINE_MODELS)} and {sorted(PACKAGED_GGUF)}")
-            raise OSError(
+            raise UnreachableError(
                 f"could not load backbone '{name_or_path}': it is not a local model directory or an offline "
                 f"name, and the hub could not be reached ({err.__class__.__name__}). Give a local path to a saved "
                 f"model or a .gguf file, connect to a network, or use an offline name ({offline})") from err

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from raee.calibration.tables import SplitTables
-from raee.errors import UserError
 from raee.exits.base import BatchContext, DynamicExit, PlannedExit
 
 
@@ -56,7 +55,7 @@ def simulate(strategy: Any, tables: SplitTables) -> SimulatedRun:
 
 def _need_neighbours(strategy: Any, tables: SplitTables) -> None:
     if not tables.has_neighbours:
-        raise UserError(f"{type(strategy).__name__} needs neighbours, but the tables were built without retrieval")
+        raise ValueError(f"{type(strategy).__name__} needs neighbours, but the tables were built without retrieval")
 
 
 def _replay_dynamic(strategy: DynamicExit, tables: SplitTables) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,13 +44,13 @@ class SplitTables:
 
     def __post_init__(self) -> None:
         if self.logits.ndim != 3 or self.labels.shape != self.logits.shape[:1]:
-            raise UserError(f"SplitTables: logits must be (N, L+1, C) and labels (N,), got "
-                            f"{tuple(self.logits.shape)} and {tuple(self.labels.shape)}")
+            raise ValueError(f"SplitTables: logits must be (N, L+1, C) and labels (N,), got "
+                             f"{tuple(self.logits.shape)} and {tuple(self.labels.shape)}")
         if (self.ids is None) != (self.distances is None):
-            raise UserError("SplitTables: give both ids and distances, or neither")
+            raise ValueError("SplitTables: give both ids and distances, or neither")
         if self.ids is not None and (self.ids.shape != self.distances.shape or self.ids.shape[0] != self.size):
-            raise UserError(f"SplitTables: ids {tuple(self.ids.shape)} and distances {tuple(self.distances.shape)} "
-                            f"must both be (N={self.size}, k)")
+            raise ValueError(f"SplitTables: ids {tuple(self.ids.shape)} and distances {tuple(self.distances.shape)} "
+                             f"must both be (N={self.size}, k)")
 
     @property
     def size(self) -> int:
@@ -124,7 +124,7 @@ def loader_for(datamodule: Any, split: str, train: bool = False) -> Any:
     loaders = {"validation": "val_dataloader", "test": "test_dataloader"} | ({"train": "train_dataloader"} if train
                                                                              else {})
     if split not in loaders:
-        raise UserError(f"tables are built for the {' or '.join(loaders)} split, not {split!r}")
+        raise ValueError(f"tables are built for the {' or '.join(loaders)} split, not {split!r}")
     return getattr(datamodule, loaders[split])()
 
 

@@ -107,7 +107,8 @@ def choose_point(curve: Sequence[dict[str, Any]], target: CalibrationTarget, ful
     ``_correct``, the (N,) bool per-example right answers the paired test reads; in candidate order) that meets
     ``target``, and whether one met it (see the module docstring for the rule)."""
     if not curve:
-        raise UserError("calibration has no candidate settings: the grid is empty")
+        raise UserError("calibration has no candidate settings: the grid is empty; give the knob values to try "
+                        "with exit.grid=[...]")
     order = list(range(len(curve)))
     acc = [float(p["accuracy"]) for p in curve]
     layers = [float(p["mean_layers_computed"]) for p in curve]
@@ -141,7 +142,7 @@ def choose_point(curve: Sequence[dict[str, Any]], target: CalibrationTarget, ful
             return curve[min(ok, key=lambda i: (-acc[i], spent[i], i))], True
         best = min(order, key=lambda i: (spent[i], -acc[i], i))
     else:
-        raise UserError("no calibration target set (exit.target is null)")
+        raise ValueError("no calibration target set (exit.target is null)")
     return curve[best], False
 
 

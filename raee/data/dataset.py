@@ -27,10 +27,10 @@ class TextDataset(Dataset):
         if task_type not in TASK_TYPES:
             raise UserError(f"task_type={task_type!r} is not supported: use one of {list(TASK_TYPES)}")
         if len(texts) != len(labels):
-            raise UserError(f"TextDataset got {len(texts)} texts but {len(labels)} labels: give one label per text")
+            raise ValueError(f"TextDataset got {len(texts)} texts but {len(labels)} labels: give one label per text")
         if text_pairs is not None and len(text_pairs) != len(texts):
-            raise UserError(f"TextDataset got {len(texts)} texts but {len(text_pairs)} text pairs: "
-                            "give one pair per text (or text_pairs=None)")
+            raise ValueError(f"TextDataset got {len(texts)} texts but {len(text_pairs)} text pairs: "
+                             "give one pair per text (or text_pairs=None)")
         dtype = torch.long if task_type == "classification" else torch.float32
         self.texts: list[str] = [str(t) for t in texts]
         self.text_pairs: list[str] | None = None if text_pairs is None else [str(t) for t in text_pairs]

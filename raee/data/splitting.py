@@ -51,7 +51,7 @@ def partition(labels: Sequence[int] | np.ndarray | None, sizes: Sequence[int], s
     else:
         labels = np.asarray(labels)
         if len(labels) != n:
-            raise UserError(f"partition sizes sum to {n} but there are {len(labels)} labels")
+            raise ValueError(f"partition sizes sum to {n} but there are {len(labels)} labels")
         # why: give each class's members evenly spaced keys (rank + offset) / n_class in [0, 1), in
         # random order; sorting all keys then interleaves classes, so any consecutive chunk holds
         # each class in proportion.

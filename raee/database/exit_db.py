@@ -102,7 +102,7 @@ class ExitDatabase:
         from raee.database.build import fill_index
 
         if retriever.ntotal:
-            raise UserError("with_retriever() needs an empty retriever; this one already holds keys")
+            raise ValueError("with_retriever() needs an empty retriever; this one already holds keys")
         fill_index(retriever, self.key_files(), [r["count"] for r in self.meta["shards"]],
                    seed=int(self.meta.get("seed", 0)), progress=progress)
         meta = dict(self.meta, retriever=describe_retriever(retriever))

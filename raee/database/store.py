@@ -33,7 +33,7 @@ import numpy as np
 
 from raee.assets import sha256_file as file_sha256
 from raee.database.tables import ShardedTable
-from raee.errors import UserError
+from raee.errors import SystemLimitError, UserError
 
 SHARDS_DIR = "shards"
 KEYS = "keys"
@@ -67,7 +67,7 @@ def compact_int(values: np.ndarray) -> np.ndarray:
         info = np.iinfo(dtype)
         if info.min <= lo and hi <= info.max:
             return values.astype(dtype)
-    raise UserError(f"integer values {lo}..{hi} do not fit 64 bits")
+    raise ValueError(f"integer values {lo}..{hi} do not fit 64 bits")
 
 
 def encode_rows(keys: np.ndarray, labels: np.ndarray, preds: np.ndarray, probs: np.ndarray, correct: np.ndarray,
@@ -90,7 +90,7 @@ class ShardWriter:
     def __init__(self, directory: str | Path, shard_rows: int, first_shard: int = 0,
                  source: dict[str, Any] | None = None, on_shard: Any = None) -> None:
         if shard_rows < 1:
-            raise UserError(f"shard_rows={shard_rows} must be at least 1")
+            raise ValueError(f"shard_rows={shard_rows} must be at least 1")
         self.directory = Path(directory)
         self.shard_rows = int(shard_rows)
         self.next_shard = int(first_shard)
@@ -107,7 +107,7 @@ class ShardWriter:
         n = len(rows[KEYS])
         for name, value in rows.items():
             if len(value) != n:
-                raise UserError(f"batch tables disagree: {name} has {len(value)} rows, keys have {n}")
+                raise ValueError(f"batch tables disagree: {name} has {len(value)} rows, keys have {n}")
         self._buffer.append(rows)
         self._buffered += n
         while self._buffered >= self.shard_rows:
@@ -180,7 +180,7 @@ def sample_keys(paths: list[Path], counts: list[int], size: int, seed: int) -> n
     return np.concatenate(out)
 
 
-class ShardMismatch(ValueError):
+class ShardMismatch(UserError):
     """A database's shard files disagree with its metadata."""
 
 
@@ -244,8 +244,9 @@ def ensure_open_files(maps: int) -> None:
     if need <= soft:
         return
     if hard != resource.RLIM_INFINITY and need > hard:
-        raise OSError(f"the exit database has {maps} shard files to memory-map, more than this process may open "
-                      f"(ulimit -n {hard}): raise the limit (ulimit -Hn) or rebuild with larger shards")
+        raise SystemLimitError(f"the exit database has {maps} shard files to memory-map, more than this process "
+                               f"may open (ulimit -n {hard}): raise the limit (ulimit -Hn) or rebuild with larger "
+                               "shards")
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 

@@ -16,8 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from raee.errors import UserError
-
 #: how stored values are turned into the logical dtype
 DECODINGS = ("float", "complement", "int", "bits")
 
@@ -41,11 +39,11 @@ class ShardedTable:
 
     def __init__(self, parts: Sequence[np.ndarray], decode: str, columns: int | None = None) -> None:
         if decode not in DECODINGS:
-            raise UserError(f"decode={decode!r} is not one of {DECODINGS}")
+            raise ValueError(f"decode={decode!r} is not one of {DECODINGS}")
         if not parts:
-            raise UserError("a table needs at least one shard")
+            raise ValueError("a table needs at least one shard")
         if decode == "bits" and columns is None:
-            raise UserError("a bit-packed table needs its number of columns")
+            raise ValueError("a bit-packed table needs its number of columns")
         self.parts = list(parts)
         self.decode = decode
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
@@ -55,7 +53,7 @@ class ShardedTable:
         self.dtype = _decoded_dtype(decode, self.stored_dtype)
         for p in self.parts:
             if tuple(p.shape[1:]) != row_shape:
-                raise UserError(f"table shards have different row shapes: {tuple(p.shape[1:])} vs {row_shape}")
+                raise ValueError(f"table shards have different row shapes: {tuple(p.shape[1:])} vs {row_shape}")
 
     # ------------------------------------------------------------------ tensor-like properties
     @property

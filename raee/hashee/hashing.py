@@ -32,7 +32,7 @@ _PRIME = 2_147_483_647
 # ---------------------------------------------------------------------------- helpers
 def _check_layers(num_layers: int) -> None:
     if int(num_layers) < 1:
-        raise UserError(f"num_layers={num_layers} must be at least 1 (the number of transformer layers)")
+        raise ValueError(f"num_layers={num_layers} must be at least 1 (the number of transformer layers)")
 
 
 def _special_mask(vocab_size: int, special_ids: Sequence[int]) -> torch.Tensor:
@@ -99,7 +99,7 @@ def occurrence_random_layers(input_ids: torch.Tensor, attention_mask: torch.Tens
     ids = torch.as_tensor(input_ids).long()
     real = torch.as_tensor(attention_mask).bool().to(ids.device)
     if ids.dim() != 2 or real.shape != ids.shape:
-        raise UserError(f"input_ids {tuple(ids.shape)} and attention_mask {tuple(real.shape)} must both be (B, T)")
+        raise ValueError(f"input_ids {tuple(ids.shape)} and attention_mask {tuple(real.shape)} must both be (B, T)")
     generator = torch.Generator().manual_seed(int(seed))
     a, b, c, d, e, r = (int(v) for v in torch.randint(1, _PRIME, (6,), generator=generator))
     # the example's key: a polynomial hash of its real tokens (padding leaves it unchanged)
@@ -125,7 +125,7 @@ def frequency_hash(token_counts: torch.Tensor, num_layers: int, special_ids: Seq
     _check_layers(num_layers)
     counts = torch.as_tensor(token_counts).long()
     if counts.dim() != 1:
-        raise UserError(f"token_counts must have shape (vocab_size,), got {tuple(counts.shape)}")
+        raise ValueError(f"token_counts must have shape (vocab_size,), got {tuple(counts.shape)}")
     special = _special_mask(counts.numel(), special_ids)
     ranked = _rank(counts.double())
     ranked = ranked[(counts[ranked] > 0) & ~special[ranked]]
@@ -145,7 +145,7 @@ def token_label_information(token_label_counts: torch.Tensor, class_counts: torc
     """
     joint = torch.as_tensor(token_label_counts).double()
     if joint.dim() != 2:
-        raise UserError(f"token_label_counts must have shape (vocab_size, num_classes), got {tuple(joint.shape)}")
+        raise ValueError(f"token_label_counts must have shape (vocab_size, num_classes), got {tuple(joint.shape)}")
     total = joint.sum()
     if total <= 0:
         return torch.zeros(joint.shape[0], dtype=torch.float64)
@@ -156,7 +156,7 @@ def token_label_information(token_label_counts: torch.Tensor, class_counts: torc
     else:
         cc = torch.as_tensor(class_counts).double().flatten()
         if cc.numel() != joint.shape[1]:
-            raise UserError(f"class_counts has {cc.numel()} classes but token_label_counts has {joint.shape[1]}")
+            raise ValueError(f"class_counts has {cc.numel()} classes but token_label_counts has {joint.shape[1]}")
         p_y = (cc / cc.sum().clamp(min=1.0)).unsqueeze(0)
     ratio = p_xy / (p_x * p_y)
     terms = torch.where(p_xy > 0, p_xy * torch.log(ratio), torch.zeros_like(p_xy))
@@ -238,7 +238,7 @@ def cluster_hash(embeddings: torch.Tensor, num_layers: int, seed: int = 42, spec
     _check_layers(num_layers)
     emb = torch.as_tensor(embeddings).detach().float().cpu()
     if emb.dim() != 2:
-        raise UserError(f"embeddings must have shape (vocab_size, dim), got {tuple(emb.shape)}")
+        raise ValueError(f"embeddings must have shape (vocab_size, dim), got {tuple(emb.shape)}")
     vocab_size = emb.shape[0]
     special = _special_mask(vocab_size, special_ids)
     ids = torch.nonzero(~special).flatten()
@@ -274,7 +274,7 @@ def add_token_label_counts(counts: torch.Tensor, class_counts: torch.Tensor, inp
     ids = input_ids.cpu()[real]
     rows = labels.long().unsqueeze(1).expand_as(real)[real]
     if rows.numel() and (rows.min() < 0 or rows.max() >= num_classes):
-        raise UserError(f"labels must lie in 0..{num_classes - 1}, got {int(rows.min())}..{int(rows.max())}")
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {int(rows.min())}..{int(rows.max())}")
     flat = torch.bincount(ids * num_classes + rows, minlength=vocab_size * num_classes)[: vocab_size * num_classes]
     counts += flat.view(vocab_size, num_classes)
     class_counts += torch.bincount(labels.long(), minlength=num_classes)[:num_classes]
@@ -309,7 +309,7 @@ def count_token_labels(tokenizer: Any, texts: list[str], labels: Sequence[int], 
     """Token-label co-occurrences: ((V, C) occurrences of each id in examples of each class,
     (C,) examples per class)."""
     if len(labels) != len(texts):
-        raise UserError(f"got {len(texts)} texts but {len(labels)} labels: give one label per text")
+        raise ValueError(f"got {len(texts)} texts but {len(labels)} labels: give one label per text")
     vocab_size = int(vocab_size or len(tokenizer))
     counts = torch.zeros(vocab_size, int(num_classes), dtype=torch.long)
     class_counts = torch.zeros(int(num_classes), dtype=torch.long)

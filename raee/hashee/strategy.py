@@ -226,7 +226,7 @@ class HashEEExit(PlannedExit):
         """Set the (V,) token -> exit layer map directly (notebooks, tests)."""
         token_to_layer = torch.as_tensor(token_to_layer).long().cpu()
         if token_to_layer.dim() != 1 or token_to_layer.numel() == 0 or int(token_to_layer.min()) < 1:
-            raise UserError("token_to_layer must be a non-empty (vocab_size,) tensor of exit layers >= 1")
+            raise ValueError("token_to_layer must be a non-empty (vocab_size,) tensor of exit layers >= 1")
         self.token_to_layer = token_to_layer
         self._device_map = self._exits_for = None
         self.ready = True

@@ -10,6 +10,7 @@ error.json instead, go to their own table), and writes to ``--out`` (default ``<
 - pareto_layers.png / pareto_speedup.png: accuracy against mean layers computed / wall-clock speed-up, one
   curve per method and rule, dominated runs hollow, calibrated runs starred (:mod:`raee.report.pareto`);
 - with ``--paper``: paper_comparison.md/csv (our numbers beside the paper's, :mod:`raee.paper_results`);
+- report.html: the same sweep as one self-contained interactive page (:mod:`raee.report.html`);
 - for an Optuna search: optuna_pareto.md, the trials the sweeper kept (:mod:`raee.search_results`).
 
 Speed-up on the charts: the run's own wall-clock speed-up (full model timed in the same process),
@@ -28,6 +29,7 @@ from raee.report.cli import build_parser, main, write_report
 from raee.report.collect import (COLUMNS, ERROR_FILE, FAILED_COLUMNS, NUMERIC_COLUMNS, SUMMARY_FILE, add_sweep_speedup,
                                  collect, collect_failed, find_runs, flatten_knobs, knobs_string)
 from raee.report.figures import plot_exit_layers, plot_pareto, plot_speed_vs_metric
+from raee.report.html import report_html, write_report_html
 from raee.report.paper import paper_comparison_markdown, write_paper_comparison
 from raee.report.pareto import add_pareto, cost_column, curve_names, curve_table, dominated, oracle_gap
 from raee.report.tables import failed_markdown, markdown_table, pareto_markdown, results_markdown, write_csv
@@ -40,5 +42,6 @@ __all__ = [
     "log_to_wandb", "main",
     "markdown_table", "method_rank", "oracle_gap", "paper_comparison_markdown", "pareto_front", "pareto_markdown",
     "plot_exit_layers", "plot_pareto", "plot_speed_vs_metric", "results_markdown", "sort_runs", "speed_axis",
-    "varying_knobs", "wandb_group", "write_csv", "write_paper_comparison", "write_report",
+    "varying_knobs", "wandb_group", "write_csv", "write_paper_comparison", "write_report", "report_html",
+    "write_report_html",
 ]

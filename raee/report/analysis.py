@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from raee.errors import UserError
 from raee.report.collect import format_value
 
 METHOD_ORDER = ("full", "fixed", "entropy", "patience", "raee", "hashee", "oracle")
@@ -22,7 +21,7 @@ def pareto_front(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
     (both maximised). Points with a NaN coordinate are never on the front and dominate nothing."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if x.shape != y.shape or x.ndim != 1:
-        raise UserError(f"x and y must be 1-d of the same length, got shapes {x.shape} and {y.shape}")
+        raise ValueError(f"x and y must be 1-d of the same length, got shapes {x.shape} and {y.shape}")
     ok = np.isfinite(x) & np.isfinite(y)
     front = ok.copy()
     for i in np.flatnonzero(ok):

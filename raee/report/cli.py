@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from raee.atomic import atomic_write_text
+from raee.cli import user_errors
 from raee.report.analysis import add_analysis, sort_runs
 from raee.report.collect import collect, collect_failed
 from raee.report.figures import plot_exit_layers, plot_pareto, plot_speed_vs_metric
+from raee.report.html import write_report_html
 from raee.report.paper import write_paper_comparison
 from raee.report.pareto import add_pareto
 from raee.report.tables import failed_markdown, pareto_markdown, results_markdown, write_csv
@@ -22,7 +23,7 @@ from raee.search_results import pareto_markdown as search_pareto_markdown
 
 def write_report(df: pd.DataFrame, out: str | Path, failed: pd.DataFrame | None = None,
                  paper: str | None = None) -> dict[str, Path]:
-    """Writes results.csv/.md, the PNGs, failed.csv (if any) and, with ``paper``, the paper
+    """Writes results.csv/.md, the PNGs, report.html (interactive, self-contained), failed.csv (if any) and, with ``paper``, the paper
     comparison into ``out``; returns {name: path}."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,6 +42,8 @@ def write_report(df: pd.DataFrame, out: str | Path, failed: pd.DataFrame | None 
     paths["exit_layers.png"] = plot_exit_layers(df, out / "exit_layers.png")
     paths["pareto_layers.png"] = plot_pareto(df, out / "pareto_layers.png", axis="layers")
     paths["pareto_speedup.png"] = plot_pareto(df, out / "pareto_speedup.png", axis="speedup")
+    name = out.resolve().parent.name if out.resolve().name == "report" else out.resolve().name
+    paths["report.html"] = write_report_html(df, out / "report.html", title=f"raee report: {name}")
     if paper:
         paths.update(write_paper_comparison(df, out, paper))
     return paths
@@ -53,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m raee.report",
         description="Tables and charts of a sweep: reads every summary.json below DIR (failed runs: error.json), "
                     "writes results.csv, results.md (with the speed-accuracy curves: dominated runs, oracle gap), "
-                    "speed_vs_accuracy.png, exit_layers.png, pareto_layers.png, pareto_speedup.png and prints the "
+                    "speed_vs_accuracy.png, exit_layers.png, pareto_layers.png, pareto_speedup.png, report.html (interactive, "
+                    "self-contained) and prints the "
                     "tables.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
@@ -62,26 +66,43 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m raee.report multirun/compare_all/<date>/<time>\n"
                "  python -m raee.report multirun/raee_table1/<date>/<time> --paper raee_table1 --out report/\n"
                "experiments/README.md describes every experiment config and output file.")
-    parser.add_argument("root", metavar="DIR", help="a sweep directory (multirun/<...>/<date>/<time>) or any parent")
+    parser.add_argument("root", metavar="DIR", nargs="?",
+                        help="a sweep directory (multirun/<...>/<date>/<time>) or any parent")
     parser.add_argument("--out", metavar="OUT", default=None, help="output directory (default: DIR/report)")
     parser.add_argument("--paper", choices=sorted(PAPER_TABLES), default=None,
                         help="also put our numbers beside a paper's table (paper_comparison.md/.csv)")
     parser.add_argument("--wandb", action="store_true",
                         help="also log the table and charts to wandb (WANDB_MODE respected; offline by default)")
+    parser.add_argument("--docs", action="store_true",
+                        help="instead of reading a sweep: regenerate the tables of README.md and docs/ from the CSVs "
+                             "under results/ (raee.report.docs; docs/guides/publishing-results.md)")
+    parser.add_argument("--check", action="store_true",
+                        help="with --docs: change nothing, print the differences and exit 1 when a page differs")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The command: 0 when the report (or with --docs the pages' tables) is written; a user's error (no such
+    directory, no runs, a bad table spec) prints ``error: <message>`` and exits with status 2 (:mod:`raee.cli`)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.docs:
+        from raee.report.docs import main_docs
+
+        with user_errors():
+            return main_docs(check=args.check)
+    if args.root is None:
+        parser.error("give a sweep directory DIR (or --docs)")
+    with user_errors():
+        return run_report(args)
+
+
+def run_report(args: argparse.Namespace) -> int:
     root = Path(args.root)
-    try:
-        failed = collect_failed(root)
-        if len(failed):
-            print(f"## Failed runs ({len(failed)})\n\n{failed_markdown(failed)}\n")
-        df = collect(root)
-    except (FileNotFoundError, NotADirectoryError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    failed = collect_failed(root)
+    if len(failed):
+        print(f"## Failed runs ({len(failed)})\n\n{failed_markdown(failed)}\n")
+    df = collect(root)
     out = Path(args.out) if args.out else root / "report"
     paths = write_report(df, out, failed=failed, paper=args.paper)
     print(results_markdown(df))

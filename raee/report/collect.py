@@ -117,7 +117,7 @@ def find_runs(root: str | Path) -> tuple[list[Path], list[Path]]:
         raise MissingFileError(f"no such directory: {root}. Give the sweep directory Hydra printed, "
                                f"e.g. multirun/compare_all/<date>/<time> (or a parent of several sweeps)")
     if not root.is_dir():
-        raise NotADirectoryError(f"{root} is a file: give the sweep directory that holds the run directories")
+        raise UserError(f"{root} is a file: give the sweep directory that holds the run directories")
     ok = sorted({p.parent for p in root.rglob(SUMMARY_FILE)})
     failed = sorted({p.parent for p in root.rglob(ERROR_FILE)} - set(ok))
     return ok, failed

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 
 from raee.atomic import atomic_path
-from raee.errors import UserError
 from raee.report.analysis import BOUNDS, GROUP_KEYS, add_analysis, method_rank, sort_runs
 
 
@@ -139,7 +138,7 @@ def plot_pareto(df: pd.DataFrame, path: str | Path, axis: str = "layers") -> Pat
     from raee.report.pareto import add_pareto
 
     if axis not in ("layers", "speedup"):
-        raise UserError(f"axis={axis!r}: use 'layers' or 'speedup'")
+        raise ValueError(f"axis={axis!r}: use 'layers' or 'speedup'")
     df = df if "speedup" in df.columns else add_analysis(df)
     df = df if "curve" in df.columns else add_pareto(df)
     x_col, dom_col = ("cost", "dominated_layers") if axis == "layers" else ("speedup", "dominated_speed")

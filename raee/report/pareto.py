@@ -24,7 +24,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from raee.errors import UserError
 from raee.report.analysis import BOUNDS, GROUP_KEYS
 from raee.report.collect import format_value
 
@@ -41,7 +40,7 @@ def dominated(cost: Sequence[float], value: Sequence[float]) -> np.ndarray:
     better in one. Points with a NaN coordinate are never dominated and dominate nothing."""
     cost, value = np.asarray(cost, dtype=float), np.asarray(value, dtype=float)
     if cost.shape != value.shape or cost.ndim != 1:
-        raise UserError(f"cost and value must be 1-d of the same length, got {cost.shape} and {value.shape}")
+        raise ValueError(f"cost and value must be 1-d of the same length, got {cost.shape} and {value.shape}")
     ok = np.isfinite(cost) & np.isfinite(value)
     out = np.zeros(cost.shape, dtype=bool)
     for i in np.flatnonzero(ok):

@@ -83,10 +83,10 @@ class Retriever(ABC):
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, D) queries -> scores float32 (Q, k), ids int64 (Q, k); k is clamped to the stored count."""
         if self.ntotal == 0:
-            raise UserError("the retriever is empty: add() keys (build the exit database) before searching")
+            raise ValueError("the retriever is empty: add() keys (build the exit database) before searching")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2:
-            raise UserError(f"queries must be a (Q, D) matrix, got shape {queries.shape}")
+            raise ValueError(f"queries must be a (Q, D) matrix, got shape {queries.shape}")
         if queries.shape[1] != self.dim:
             raise UserError(f"queries have dimension {queries.shape[1]} but the index holds {self.dim}-dimensional "
                             "keys: the key encoder differs from the one that built the database; " + REBUILD_HINT)
@@ -99,7 +99,7 @@ def clamp_k(k: int, ntotal: int) -> int:
     """k limited to the number of stored keys, with a warning naming both numbers."""
     k = int(k)
     if k < 1:
-        raise UserError(f"k={k} must be at least 1")
+        raise ValueError(f"k={k} must be at least 1")
     if k > ntotal:
         warnings.warn(f"k={k} is larger than the database ({ntotal} keys); using k={ntotal}", stacklevel=3)
         return ntotal
@@ -114,7 +114,7 @@ def to_distances(scores: torch.Tensor | np.ndarray, metric: str) -> torch.Tensor
     Non-finite scores stay non-finite, so the aggregators treat those neighbours as invalid.
     """
     if metric not in METRICS:
-        raise UserError(f"metric='{metric}' is unknown: choose one of {METRICS}")
+        raise ValueError(f"metric='{metric}' is unknown: choose one of {METRICS}")
     scores = as_array(scores, np.float32)  # numpy: two calls per query at batch 1, not four torch ones
     return torch.from_numpy(np.maximum(np.float32(1.0) - scores if metric == "ip" else scores, np.float32(0.0)))
 
@@ -131,7 +131,7 @@ def check_keys(keys: np.ndarray, dim: int | None = None) -> np.ndarray:
     """(N, D) keys as a contiguous float32 array; refuses empty, non-2-D, non-finite or wrong-width keys."""
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     if keys.ndim != 2 or keys.shape[0] == 0 or keys.shape[1] == 0:
-        raise UserError(f"keys must be a non-empty (N, D) matrix, got shape {keys.shape}")
+        raise ValueError(f"keys must be a non-empty (N, D) matrix, got shape {keys.shape}")
     if dim is not None and keys.shape[1] != dim:
         raise UserError(f"keys have dimension {keys.shape[1]} but the index holds {dim}-dimensional keys")
     if not np.isfinite(keys).all():

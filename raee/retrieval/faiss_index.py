@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from raee.atomic import atomic_path
-from raee.errors import MissingFileError, UserError
+from raee.errors import MissingFileError, MissingPackageError, UserError
 from raee.retrieval.base import META_FILE, REBUILD_HINT, Retriever, check_keys, open_index, write_meta
 
 INDEX_FILE = "index.faiss"
@@ -78,8 +78,8 @@ def import_faiss() -> Any:
     try:
         import faiss
     except ImportError as err:
-        raise ImportError("FAISS is not installed: pip install -e '.[cpu]' (or '.[gpu]' for the GPU build), "
-                          "or use retriever=torch_exact") from err
+        raise MissingPackageError("FAISS is not installed: pip install -e '.[cpu]' (or '.[gpu]' for the GPU build), "
+                                  "or use retriever=torch_exact") from err
     return faiss
 
 
@@ -259,7 +259,7 @@ class FaissRetriever(Retriever):
     def train(self, sample: np.ndarray, total: int) -> None:
         """Create the index for ``total`` keys and train it on ``sample`` (S, D) (the streaming build)."""
         if self.index is not None:
-            raise UserError("train() must come before the first add(): this index already holds keys")
+            raise ValueError("train() must come before the first add(): this index already holds keys")
         faiss = import_faiss()
         sample = check_keys(sample)
         index = self._new_index(faiss, max(int(total), len(sample)), sample.shape[1])
@@ -296,8 +296,8 @@ class FaissRetriever(Retriever):
     def _want_gpu(self, faiss: Any) -> bool:
         gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
         if self.use_gpu is True and gpus == 0:
-            raise RuntimeError("retriever.use_gpu=true but FAISS sees no GPU (or this is the CPU build): install "
-                               "the GPU build with pip install -e '.[gpu]', or set retriever.use_gpu=auto")
+            raise UserError("retriever.use_gpu=true but FAISS sees no GPU (or this is the CPU build): install "
+                            "the GPU build with pip install -e '.[gpu]', or set retriever.use_gpu=auto")
         return gpus > 0 and self.use_gpu in ("auto", True)
 
     def _maybe_to_gpu(self, faiss: Any, index: Any) -> Any:
@@ -335,8 +335,8 @@ class FaissRetriever(Retriever):
             self._train(index, keys)
             self._install(faiss, index)
         if self._read_only:
-            raise UserError(f"this FAISS index was loaded read-only (retriever.storage={self.storage}): keys cannot "
-                            "be added to it; load it with FaissRetriever.load(directory, writable=True)")
+            raise ValueError(f"this FAISS index was loaded read-only (retriever.storage={self.storage}): keys cannot "
+                             "be added to it; load it with FaissRetriever.load(directory, writable=True)")
         if self.storage == "ondisk" and not self.on_gpu:
             self._add_on_disk(faiss, keys)
         else:
@@ -430,7 +430,7 @@ class FaissRetriever(Retriever):
         """Write ``index.faiss`` (and, for storage=ondisk, the compacted lists ``index.ivfdata``) and
         ``retriever.json`` into ``directory``, file by file atomically."""
         if self.index is None:
-            raise UserError("nothing to save: the retriever is empty (add() keys first)")
+            raise ValueError("nothing to save: the retriever is empty (add() keys first)")
         faiss = import_faiss()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,7 @@ class TorchExactRetriever(Retriever):
 
     def save(self, directory: str | Path) -> None:
         if self.ntotal == 0:
-            raise UserError("nothing to save: the retriever is empty (add() keys first)")
+            raise ValueError("nothing to save: the retriever is empty (add() keys first)")
         directory = Path(directory)
         with atomic_path(directory / KEYS_FILE) as tmp:
             save_file({"keys": self.keys.detach().cpu().contiguous()}, str(tmp))
