@@ -190,6 +190,23 @@ def choose_keys(rows: list[dict], target: list[str]) -> None:
         r["chosen_across_keys"] = True
 
 
+def write_csv(rows: list[dict], path: str) -> None:
+    """One line per row: dataset, backbone, keys, strategy, settings, validation and test accuracy, layers and cost
+    (layer equivalents, keys included); appended to an existing file with the same columns."""
+    import pandas as pd
+
+    table = pd.DataFrame([{
+        "dataset": r["dataset"], "backbone": r["backbone"], "num_layers": r["num_layers"], "keys": r["keys"],
+        "key_pooling": (r.get("key_encoder") or {}).get("pooling"), "strategy": r["strategy"],
+        "settings": json.dumps(r.get("settings")) if r.get("settings") else "",
+        "grid_size": r.get("grid_size"), "val_accuracy": r.get("val_accuracy"), "val_cost": r.get("val_cost"),
+        "test_accuracy": r["test_accuracy"], "mean_exit_layer": r.get("mean_exit_layer"),
+        "mean_layers_computed": r.get("mean_layers_computed"), "key_layer_equivalents": r["key_layer_equivalents"],
+        "cost": r["cost"], "chosen_across_keys": bool(r.get("chosen_across_keys", False))} for r in rows])
+    exists = os.path.exists(path)
+    table.to_csv(path, mode="a" if exists else "w", header=not exists, index=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides shared by every strategy (data=..., exit.k=...)")
@@ -205,6 +222,7 @@ def main() -> None:
                              "backbone:<layer>[:<pooling>] (pooling auto = chosen on validation)")
     parser.add_argument("--curves", action="store_true", help="also print every candidate on the test split")
     parser.add_argument("--json", default=None, help="also write every row to this JSON file")
+    parser.add_argument("--csv", default=None, help="also write every row to this CSV file (appended when it exists)")
     args = parser.parse_intermixed_args()
 
     target = [f"++exit.target={args.target}", f"++exit.max_drop={args.max_drop}",
@@ -214,6 +232,8 @@ def main() -> None:
     rows = [row for spec in args.keys for row in replay_keys(spec, args, target)]
     if len(args.keys) > 1:
         choose_keys(rows, target)
+    if args.csv:
+        write_csv(rows, args.csv)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{k: v for k, v in r.items() if k != "_correct"} for r in rows], f, indent=1, default=str)
