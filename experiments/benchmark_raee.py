@@ -32,6 +32,7 @@ repeats, after a warm-up), and:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=128, help="test examples timed per batch size")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--csv", default=None, help="also append the printed rows to this CSV (results/ tables)")
+    parser.add_argument("--label", default="", help="the rows' label in --csv (which setting this is)")
     args = parser.parse_intermixed_args()  # options may come after the Hydra overrides
 
     exit_given = any(o.split("=")[0].lstrip("+") == "exit" for o in args.overrides)
@@ -141,6 +144,7 @@ def main() -> None:
     print(f"{'batch':>5} {'keys ms/b':>9} {'search ms/b':>11} {'aggr ms/b':>9} {'rest ms/b':>9} {'full ms/b':>9} "
           f"{'retr. %':>7} {'exit':>5} {'layers':>6} {'layer x':>7} {'wall x':>6} {'ratio':>5} {'floor x':>7} {'cap':>5} "
           f"{'tok x':>6} {'keys LE':>7} {'retr LE':>7} {'cost x':>6} {'wall/cost':>9}")
+    rows = []
     for bs in args.batch_sizes:
         batches, tokens = [], 0
         for start in range(0, n, bs):
@@ -168,6 +172,21 @@ def main() -> None:
               f"{layer_x:>6.2f}x {wall_x:>5.2f}x {wall_x / layer_x:>5.2f} {floor_x:>6.2f}x "
               f"{floor_cap(layer_x, floor_x):>5.2f} {tok_x:>5.2f}x {key_le:>7.3f} {retrieval_le:>7.3f} "
               f"{cost_x:>5.2f}x {wall_x / cost_x:>9.2f}")
+        rows.append({"label": args.label, "dataset": dm.name, "backbone": backbone.name, "method": strategy.name,
+                     "knobs": json.dumps(strategy.knobs(), default=str), "examples": n, "repeats": args.repeats,
+                     "batch": bs, "keys_ms": 1e3 * keys / nb, "search_ms": 1e3 * search / nb,
+                     "aggregation_ms": 1e3 * aggr / nb, "rest_ms": 1e3 * (r["total"] - keys - search - aggr) / nb,
+                     "full_ms": 1e3 * f["total"] / nb, "retrieval_share": (keys + search + aggr) / r["total"],
+                     "mean_exit_layer": r["exit_layers"] / n, "layers_computed": computed, "layer_speedup": layer_x,
+                     "wall_speedup": wall_x, "wall_per_layer_speedup": wall_x / layer_x, "floor_speedup": floor_x,
+                     "cap": floor_cap(layer_x, floor_x), "token_layer_speedup": tok_x, "key_layer_equivalents": key_le,
+                     "retrieval_layer_equivalents": retrieval_le, "cost_layer_equivalents": cost,
+                     "cost_speedup": cost_x, "wall_per_cost_speedup": wall_x / cost_x})
+    if args.csv:
+        import pandas as pd
+
+        exists = os.path.exists(args.csv)
+        pd.DataFrame(rows).to_csv(args.csv, mode="a" if exists else "w", header=not exists, index=False)
 
 
 if __name__ == "__main__":
