@@ -221,6 +221,10 @@ def reference_label(reference: str | None) -> str:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A few human-readable lines for the console."""
+    if summary.get("task_type") == "generation":
+        from raee.generation.experiment import format_generation_summary
+
+        return format_generation_summary(summary)
     def f(v: Any, fmt: str = ".4f") -> str:
         return "n/a" if v is None else format(v, fmt)
 
@@ -304,6 +308,16 @@ def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrate
     on the same model, data and batch size (a sweep's jobs in one process time the full model once, not once per
     job; the wall-clock speed-up is then against a reference timed earlier, not beside the run)."""
     check_split(split)
+    if getattr(datamodule, "task_type", None) == "generation":  # text generation: raee.generation's own run
+        from raee.generation.experiment import run_generation_experiment
+
+        return run_generation_experiment(backbone, head, strategy, datamodule, output_dir=output_dir,
+                                         run_name=run_name, seed=seed, compare_full=compare_full,
+                                         cache_dir=cache_dir, logger=logger, warmup_batches=warmup_batches,
+                                         progress=progress, split=split)
+    from raee.generation.experiment import refuse_on_classification
+
+    refuse_on_classification(strategy)
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule.setup("test")
     strategy.validate(backbone.num_layers)  # fail on bad knobs before any expensive work

@@ -25,10 +25,12 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool = Fal
     return F.cross_entropy(logits, labels.long())
 
 
-def parameter_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups of ``model``: matrices decayed, biases and LayerNorm weights not (BERT's recipe)."""
+def parameter_groups(model: nn.Module | Iterable[nn.Parameter], lr: float,
+                     weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups of ``model`` (a module or its parameters): matrices decayed, biases and LayerNorm weights
+    not (BERT's recipe)."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in (model.parameters() if isinstance(model, nn.Module) else model):
         (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "lr": lr, "weight_decay": weight_decay},
             {"params": no_decay, "lr": lr, "weight_decay": 0.0}]

@@ -224,10 +224,12 @@ def test_conf_files_instantiate(tmp_path):
     full_cfg = OmegaConf.load(CONF / "bbcnews.yaml")
     assert full_cfg.seed == 42 and full_cfg.batch_size == 32 and full_cfg.source == "bbcnews"
     csv_cfg = OmegaConf.load(CONF / "csv.yaml")
-    assert OmegaConf.is_missing(csv_cfg, "train_file") and OmegaConf.is_missing(csv_cfg, "label_column")
+    assert OmegaConf.is_missing(csv_cfg, "train_file") and csv_cfg.label_column is None
     toy_frame(10).to_csv(tmp_path / "t.csv", index=False)
-    csv_cfg.merge_with({"train_file": str(tmp_path / "t.csv"), "text_column": "sentence", "label_column": "gold",
-                        "name": "toy"})
+    csv_cfg.merge_with({"train_file": str(tmp_path / "t.csv"), "text_column": "sentence", "name": "toy"})
+    with pytest.raises(Exception, match="needs data.label_column"):  # hydra wraps it in an InstantiationException
+        instantiate(csv_cfg)
+    csv_cfg.merge_with({"label_column": "gold"})
     assert instantiate(csv_cfg).num_classes == 3
 
 

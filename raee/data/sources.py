@@ -181,11 +181,12 @@ def read_table(path: str | Path, key: str = "file") -> pd.DataFrame:
 
 
 def select_columns(frame: pd.DataFrame, text_column: str, label_column: str, text_pair_column: str | None,
-                   where: str) -> pd.DataFrame:
-    """Keep the text, [text_pair] and label columns under standard names; check they exist and have text."""
+                   where: str, label_role: str = "label_column") -> pd.DataFrame:
+    """Keep the text, [text_pair] and label columns under standard names; check they exist and have text.
+    label_role: the setting that names the label column, for messages (``target_column`` for generation)."""
     present = [str(c) for c in frame.columns]
     for role, column in (("text_column", text_column), ("text_pair_column", text_pair_column),
-                         ("label_column", label_column)):
+                         (label_role, label_column)):
         if column is not None and column not in frame.columns:
             raise UserError(f"{role}={column!r} is not a column of {where}; its columns are {present}: "
                             f"set data.{role} to one of them")
@@ -205,8 +206,9 @@ def select_columns(frame: pd.DataFrame, text_column: str, label_column: str, tex
 
 def load_local(*, file: str | None = None, train_file: str | None = None, validation_file: str | None = None,
                test_file: str | None = None, text_column: str = "text", label_column: str = "label",
-               text_pair_column: str | None = None) -> RawData:
-    """Local files: either one ``file`` (to be split) or one file per split (``train_file`` required)."""
+               text_pair_column: str | None = None, label_role: str = "label_column") -> RawData:
+    """Local files: either one ``file`` (to be split) or one file per split (``train_file`` required).
+    label_role: the setting that names ``label_column``, for messages (``target_column`` for generation)."""
     per_split = {"train": train_file, "validation": validation_file, "test": test_file}
     if file is not None and any(v is not None for v in per_split.values()):
         raise UserError("give either data.file (one file, split by the data module) or data.train_file/"
@@ -225,7 +227,7 @@ def load_local(*, file: str | None = None, train_file: str | None = None, valida
             continue
         table = read_table(path, keys[split])
         frames[split] = select_columns(table, text_column, label_column, text_pair_column,
-                                       where=f"{keys[split]}={str(path)!r}")
+                                       where=f"{keys[split]}={str(path)!r}", label_role=label_role)
         sources[split] = str(path)
     return RawData(frames, origin=", ".join(f"{s}: {p}" for s, p in sources.items()),
                    is_pair=text_pair_column is not None, sources=sources)
@@ -235,7 +237,7 @@ def load_local(*, file: str | None = None, train_file: str | None = None, valida
 
 def load_hub(hf_name: str, hf_config: str | None = None, *, splits: Mapping[str, str] | None = None,
              text_column: str = "text", label_column: str = "label", text_pair_column: str | None = None,
-             cache_dir: str | None = None) -> RawData:
+             cache_dir: str | None = None, label_role: str = "label_column") -> RawData:
     """A hub dataset through ``datasets.load_dataset`` (imported only here; needs a network).
 
     splits: our split name (train/validation/test) -> hub split name; default: the same names,
@@ -267,6 +269,6 @@ def load_hub(hf_name: str, hf_config: str | None = None, *, splits: Mapping[str,
         if label_names is None and getattr(feature, "names", None):
             label_names = [str(n) for n in feature.names]
         frames[ours] = select_columns(part.to_pandas(), text_column, label_column, text_pair_column,
-                                      where=f"{what} split {theirs!r}")
+                                      where=f"{what} split {theirs!r}", label_role=label_role)
     return RawData(frames, origin=what, label_names=label_names, is_pair=text_pair_column is not None,
                    sources={ours: f"{hf_name}:{theirs}" for ours, theirs in wanted.items()})

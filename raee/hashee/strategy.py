@@ -29,6 +29,7 @@ from raee.exits.base import BatchContext, PlannedExit
 from raee.exits.simple import FullModel
 from raee.hashee import hashing
 from raee.hashee.token_layer import active_tokens, layer_parts, run_token_exit_layer, token_exit_flops
+from raee.weights import check_state as _check_state
 
 #: the hashes HashEEExit accepts: the paper's, and ``none`` (no token exits: the same fine-tuning
 #: recipe without exits, the reference HashEE is compared with)
@@ -60,7 +61,7 @@ class HashEEExit(PlannedExit):
                  max_epochs: int = 1, lr: float = 2e-5, head_lr: float | None = None, weight_decay: float = 0.01,
                  warmup: float = 0.1, gradient_clip_val: float | None = 1.0,
                  limit_train_batches: int | float | None = None, max_steps: int = -1,
-                 kmeans_iterations: int = 10, checkpoint: str | None = None) -> None:
+                 kmeans_iterations: int = 10, checkpoint: str | None = None, tokens: str = "all") -> None:
         if hash not in STRATEGY_HASHES:
             raise UserError(f"exit.hash={hash!r} is not a HashEE hash: choose one of {list(STRATEGY_HASHES)}")
         if lr <= 0 or (head_lr is not None and head_lr <= 0):
@@ -86,6 +87,7 @@ class HashEEExit(PlannedExit):
         self.limit_train_batches, self.max_steps = limit_train_batches, int(max_steps)
         self.kmeans_iterations = int(kmeans_iterations)
         self.checkpoint = checkpoint
+        self.tokens = tokens  # generation tasks only (raee.generation.hashee): which tokens are hashed
         self.plan_layer = 0
         self.token_to_layer: torch.Tensor | None = None  # (V,) long, 1..L (type hashes); None per occurrence
         self.special_ids: list[int] = []  # never exit early (per-occurrence hash)
@@ -445,11 +447,3 @@ class TokenPathFullModel(FullModel):
 
         return backbone.run_layer(state, every_token)
 
-
-def _check_state(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse saved weights whose names or shapes differ from the model's (before any is loaded)."""
-    missing, extra = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
-    shapes = [k for k in set(expected) & set(loaded) if tuple(expected[k].shape) != tuple(loaded[k].shape)]
-    if missing or extra or shapes:
-        raise UserError(f"{path} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}, "
-                        f"other shapes {sorted(shapes)[:3]}): delete it to train again")

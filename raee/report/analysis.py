@@ -9,7 +9,7 @@ import pandas as pd
 
 from raee.report.collect import format_value
 
-METHOD_ORDER = ("full", "fixed", "entropy", "patience", "raee", "hashee", "oracle")
+METHOD_ORDER = ("full", "fixed", "entropy", "patience", "raee", "hashee", "confidence", "self_speculative", "oracle")
 #: methods that read the labels: shown, but never on the Pareto front
 BOUNDS = ("oracle",)
 #: runs are compared (speed-up reference, Pareto front, chart panel) within one of these

@@ -178,8 +178,13 @@ def plot_pareto(df: pd.DataFrame, path: str | Path, axis: str = "layers") -> Pat
         dataset, backbone, head = (str(k) for k in key)
         ax.set_title(f"{dataset} | {backbone.rstrip('/').split('/')[-1]} | {head}   "
                      "(hollow = dominated, star = calibrated on validation)", fontsize=9)
-        ax.set_xlabel("cost per example in backbone layer equivalents (layers, keys, retrieval)" if axis == "layers"
-                      else "wall-clock speed-up vs the full model (same process)")
+        generation = (sub.get("task_type", pd.Series("", index=sub.index)).astype(str) == "generation").all()
+        if axis == "layers":
+            ax.set_xlabel("FLOPs per token, in layers of the full model (L / FLOPs speed-up)" if generation
+                          else "cost per example in backbone layer equivalents (layers, keys, retrieval)")
+        else:
+            ax.set_xlabel("wall-clock speed-up vs the full model (same process" +
+                          (", generated tokens/s)" if generation else ")"))
         if axis == "speedup":
             ax.axvline(1.0, color="grey", lw=0.8, ls=":")
         ax.set_ylabel(", ".join(sorted(sub["task_metric"].dropna().astype(str).unique())) or "task metric")

@@ -6,7 +6,8 @@ gap to the oracle.
 - **Cost** is the run's cost per example in backbone layer equivalents with its keys included
   (``cost_layer_equivalents``: layers computed, the layers run before planning counting for every example, plus
   a separate key encoder's FLOPs and the measured retrieval, :mod:`raee.cost`), falling back to the mean layers
-  computed, then the mean exit layer, for older summaries; for token-level exits (HashEE) L / FLOPs speed-up.
+  computed, then the mean exit layer, for older summaries; for token-level exits (HashEE) and generation runs
+  L / FLOPs speed-up (FLOPs per token, in layers of the full model).
 - A run is **dominated** when another run of the same dataset/backbone/head (the label-reading oracle
   excluded) is at least as accurate at no more cost, and strictly better in one of the two.
 - The **oracle gap** of a curve: within the box spanned by the oracle's point (its cost L_o, its accuracy
@@ -57,7 +58,9 @@ def cost_column(df: pd.DataFrame) -> pd.Series:
         return pd.to_numeric(df.get(name, pd.Series(np.nan, index=df.index)), errors="coerce")
 
     layers = column("cost_layer_equivalents").fillna(column("mean_layers_computed")).fillna(column("mean_exit_layer"))
-    token_level = df.get("method", pd.Series("", index=df.index)).isin(TOKEN_LEVEL) & (column("flops_speedup") > 0)
+    generation = df.get("task_type", pd.Series("", index=df.index)).astype(str) == "generation"
+    token_level = (df.get("method", pd.Series("", index=df.index)).isin(TOKEN_LEVEL) | generation) & (
+        column("flops_speedup") > 0)
     return layers.where(~token_level, column("num_layers") / column("flops_speedup"))
 
 
@@ -132,8 +135,10 @@ def references(group: pd.DataFrame) -> tuple[tuple[float, float], tuple[float, f
     else:
         oracle = (float(pd.to_numeric(group.get("oracle_mean_exit_layer"), errors="coerce").median()),
                   float(pd.to_numeric(group.get("oracle_accuracy"), errors="coerce").median()))
-    full_value = (float(metric[full_runs.index].mean()) if len(full_runs)
-                  else float(pd.to_numeric(group.get("full_accuracy"), errors="coerce").median()))
+    measured = pd.to_numeric(group.get("full_accuracy"), errors="coerce")
+    if "full_task_metric_value" in group.columns:  # generation runs: the full model's ROUGE measured beside them
+        measured = measured.fillna(pd.to_numeric(group["full_task_metric_value"], errors="coerce"))
+    full_value = float(metric[full_runs.index].mean()) if len(full_runs) else float(measured.median())
     return oracle, (num_layers, full_value)
 
 

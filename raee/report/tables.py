@@ -38,15 +38,15 @@ def markdown_table(df: pd.DataFrame, columns: dict[str, str] | None = None, form
 RESULT_HEADERS = {
     "dataset": "dataset", "backbone_short": "backbone", "head": "head", "method": "method", "knobs_shown": "knobs",
     "task_metric": "metric", "task_metric_value": "value", "accuracy": "accuracy", "macro_f1": "macro F1",
-    "spearman": "Spearman", "budget": "fine-tuning budget",
+    "spearman": "Spearman", "budget": "fine-tuning budget", "tokens_per_s": "tokens/s",
     "mean_exit_layer": "mean exit layer", "mean_layers_computed": "layers computed",
     "cost_layer_equivalents": "cost (layer equiv., keys incl.)", "num_layers": "L",
     "layer_speedup": "layer speed-up",
     "wall_speedup": "wall speed-up", "sweep_wall_speedup": "sweep wall speed-up", "flops_speedup": "FLOPs speed-up",
     "retrieval_share": "retrieval share", "num_examples": "n", "pareto": "Pareto", "run_dir": "run",
 }
-RESULT_FORMATS = {"mean_exit_layer": ".2f", "mean_layers_computed": ".2f", "cost_layer_equivalents": ".2f",
-                  "layer_speedup": ".2f", "wall_speedup": ".2f",
+RESULT_FORMATS = {"tokens_per_s": ".1f", "mean_exit_layer": ".2f", "mean_layers_computed": ".2f",
+                  "cost_layer_equivalents": ".2f", "layer_speedup": ".2f", "wall_speedup": ".2f",
                   "sweep_wall_speedup": ".2f", "flops_speedup": ".2f", "retrieval_share": ".1%"}
 
 
@@ -56,7 +56,8 @@ def results_markdown(df: pd.DataFrame) -> str:
     df = df.assign(knobs_shown=[v or k for v, k in zip(df["varying_knobs"], df["knobs"].fillna(""))],
                    backbone_short=[str(b).rstrip("/").split("/")[-1] for b in df["backbone"]])
     headers = {c: h for c, h in RESULT_HEADERS.items()  # columns only some runs fill: hidden when none does
-               if c not in ("spearman", "budget") or df[c].replace("", np.nan).notna().any()}
+               if c not in ("spearman", "budget", "tokens_per_s")
+               or (c in df.columns and df[c].replace("", np.nan).notna().any())}
     if "split" in df.columns and (df["split"].fillna("test") != "test").any():
         # runs on another split (a search on validation) say so beside the dataset
         headers = {"dataset": "dataset", "split": "split", **headers}
@@ -84,7 +85,8 @@ def pareto_markdown(df: pd.DataFrame) -> str:
     lines = [
         "Cost = backbone layer equivalents per example, keys included: layers computed (layers run before planning "
         "count for every example) + a separate key encoder's FLOPs / one layer's + measured search and aggregation "
-        "time / one layer's time (docs/concepts/cost-accounting.md); token-level exits (HashEE): L / FLOPs speed-up. "
+        "time / one layer's time (docs/concepts/cost-accounting.md); token-level exits (HashEE) and generation runs: "
+        "L / FLOPs speed-up, FLOPs per token in layers of the full model. "
         "A run is dominated when another run of the same "
         "dataset/backbone/head (oracle excluded) is at least as accurate at no more cost. Oracle gap: within the "
         "box from the oracle's point (its layers, its accuracy) to the full model (L layers, its accuracy), the "
