@@ -117,7 +117,7 @@ def rank_loader(loader: Any, devices: int = 0) -> Any:
 
 
 def gather_ranks(module: Any) -> None:
-    """After a pass on several ranks: every rank's records, seconds, timings, layer counters (and the strategy's
+    """After a pass on several ranks: every rank's records, seconds, timings, layer counters, FLOPs (and the strategy's
     summed counters) gathered on every rank into ``module`` (records of all ranks, sums of the rest); each
     rank's own figures go to ``module.rank_runs``. Nothing happens on one device."""
     rank, size = world()
@@ -125,7 +125,7 @@ def gather_ranks(module: Any) -> None:
         return
     strategy = module.strategy
     mine = {"rank": rank, "records": module.records, "wall_time_s": module.wall_time_s, "timings": module.timings,
-            "layer_examples": list(module.backbone.layer_examples),
+            "layer_examples": list(module.backbone.layer_examples), "flops": dict(getattr(module, "flops", {})),
             "counters": {c: getattr(strategy, c) for c in SUMMED_COUNTERS if hasattr(strategy, c)},
             "num_examples": int(sum(r["index"].numel() for r in module.records))}
     everyone: list[Any] = [None] * size
@@ -135,6 +135,8 @@ def gather_ranks(module: Any) -> None:
     module.timings = {k: sum(run["timings"].get(k, 0.0) for run in everyone)
                       for k in sorted({k for run in everyone for k in run["timings"]})}
     module.backbone.layer_examples = [sum(c) for c in zip(*(run["layer_examples"] for run in everyone))]
+    if mine["flops"]:  # one layer's and the keys' FLOPs (raee.cost): sums over every rank's examples
+        module.flops = {k: sum(run["flops"][k] for run in everyone) for k in mine["flops"]}
     for name in mine["counters"]:
         setattr(strategy, name, sum(run["counters"][name] for run in everyone))
     module.rank_runs = [{k: run[k] for k in ("rank", "num_examples", "wall_time_s")} for run in everyone]

@@ -79,7 +79,8 @@ def run_early_exit(backbone: LayerwiseBackbone, head: torch.nn.Module, strategy:
             leaving = strategy.should_exit(layer, logits, active, ctx) | (layer == L)
             leavers, everyone = _count(leaving)
             if leavers:
-                _record(logits if everyone else logits[leaving], active if everyone else active[leaving], layer,
+                answer = strategy.answer(layer, logits, active, ctx)  # the head's logits unless the strategy answers
+                _record(answer if everyone else answer[leaving], active if everyone else active[leaving], layer,
                         logits_out, exit_layers)
 
         if everyone:

@@ -25,6 +25,7 @@ from raee.atomic import atomic_write_text
 from raee.backbones.base import LayerwiseBackbone
 from raee.cache import load_or_build
 from raee.distributed import combine_rank_summaries, device_count, is_main_process, multi_device, rank_loader
+from raee.cost import cost_summary
 from raee.errors import UserError
 from raee.exits.base import ExitStrategy
 from raee.exits.simple import FullModel, OracleExit
@@ -181,10 +182,12 @@ def build_summary(results: dict[str, Any], strategy: ExitStrategy, backbone: Lay
         "budget": training_budget(strategy, head),
         "retrieval_time_s": results["retrieval_time_s"], "retrieval_share": results["retrieval_share"],
         "timings": results.get("timings", {}), "exit_layer_counts": results["exit_layer_counts"],
-        "tuned_knob": getattr(strategy, "knob", None), "calibration": calibration_summary(strategy),
+        "tuned_knob": getattr(strategy, "tuned_knobs", None) or getattr(strategy, "knob", None),
+        "calibration": calibration_summary(strategy),
         "status": "ok", "version": raee.__version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     summary.update(combine_rank_summaries(results, full))  # several devices: how the ranks were combined
+    summary |= cost_summary(results, full_time, backbone.num_layers)  # keys and retrieval in layer equivalents
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
 
 
@@ -259,6 +262,12 @@ def format_summary(summary: dict[str, Any]) -> str:
                         for r in summary["ranks"])
         lines.append(f"  {summary['devices']} devices ({per}); wall-clock: sum over ranks, throughput: examples / "
                      "slowest rank")
+    if summary.get("cost_layer_equivalents") is not None:  # raee.cost: keys and retrieval in backbone layers
+        lines.append(
+            f"  cost: {f(summary['cost_layer_equivalents'], '.2f')} layer equivalents (layers "
+            f"{f(summary.get('mean_layers_computed'), '.2f')} + keys {f(summary.get('key_layer_equivalents'), '.2f')} + "
+            f"retrieval {f(summary.get('retrieval_layer_equivalents'), '.2f')})   speed-up in layer equivalents: "
+            f"{f(summary.get('cost_speedup'), '.2f')}x   wall / that: {f(summary.get('wall_per_cost_speedup'), '.2f')}")
     if summary.get("budget"):
         b = summary["budget"]
         lines.append(f"  fine-tuned by {b['by']}: {b['epochs']} epochs, {b['steps']} steps, lr {b['lr']:g} "
@@ -282,15 +291,35 @@ def full_model_reference(strategy: ExitStrategy) -> FullModel:
     return reference() if callable(reference) else FullModel()
 
 
+#: full-model references measured in this process (reuse_full=True), by what they depend on
+_FULL_REFERENCES: dict[str, dict[str, Any]] = {}
+
+
+def full_reference_key(backbone: LayerwiseBackbone, head: Head, datamodule: Any, split: str,
+                       reference: ExitStrategy, warmup_batches: int) -> str:
+    """What a full-model reference run depends on: model, head, data and its split's content, the evaluation batch
+    size, the warm-up and the reference's own code path."""
+    from raee.calibration.tables import split_fingerprint
+
+    dataset = datamodule.split(split)
+    return fingerprint({"backbone": backbone.describe(), "head": head.describe(), "data": data_description(datamodule),
+                        "split": split, "content": split_fingerprint(dataset), "n": len(dataset),
+                        "batch": getattr(datamodule, "eval_batch_size", None) or getattr(datamodule, "batch_size", None),
+                        "warmup": warmup_batches,
+                        "reference": reference.name, "knobs": reference.knobs()})
+
+
 def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrategy, datamodule: Any, *,
                    output_dir: str | Path, run_name: str = "run", seed: int = 42, compare_full: bool = True,
                    compare_oracle: bool = False, cache_dir: str | Path | None = "artifacts/cache",
                    trainer_kwargs: dict[str, Any] | None = None,
                    logger: Any = None, warmup_batches: int = 1, progress: bool = True,
-                   split: str = "test", regression_tolerance: float = 0.5) -> dict[str, Any]:
+                   split: str = "test", regression_tolerance: float = 0.5, reuse_full: bool = False) -> dict[str, Any]:
     """Everything one run does on the ``split`` (test; validation when choosing knobs); returns the summary
     (also written to ``output_dir``). regression_tolerance: the oracle's "correct" on a regression task
-    (|prediction - target| <= it)."""
+    (|prediction - target| <= it). reuse_full: take the full model's reference from an earlier run of this process
+    on the same model, data and batch size (a sweep's jobs in one process time the full model once, not once per
+    job; the wall-clock speed-up is then against a reference timed earlier, not beside the run)."""
     check_split(split)
     if getattr(datamodule, "task_type", None) == "generation":  # text generation: raee.generation's own run
         from raee.generation.experiment import run_generation_experiment
@@ -312,8 +341,14 @@ def run_experiment(backbone: LayerwiseBackbone, head: Head, strategy: ExitStrate
     full = None
     if compare_full and not isinstance(strategy, FullModel):
         reference = full_model_reference(strategy)
-        full, _ = evaluate(backbone, head, reference, datamodule, trainer_kwargs, None, warmup_batches, split)
-        full["reference"] = reference.name
+        key = full_reference_key(backbone, head, datamodule, split, reference, warmup_batches) if reuse_full else None
+        if key in _FULL_REFERENCES:
+            full = dict(_FULL_REFERENCES[key], reference=f"{reference.name} (timed earlier in this process)")
+        else:
+            full, _ = evaluate(backbone, head, reference, datamodule, trainer_kwargs, None, warmup_batches, split)
+            full["reference"] = reference.name
+            if key is not None:
+                _FULL_REFERENCES[key] = full
     oracle = None
     if compare_oracle and not isinstance(strategy, OracleExit):
         oracle, _ = evaluate(backbone, head, OracleExit(regression_tolerance), datamodule, trainer_kwargs, None,

@@ -32,3 +32,20 @@ def iterate_all_layers(backbone: LayerwiseBackbone, head: Any, batches: Iterable
         with torch.no_grad():
             states = backbone.all_layers(**enc)
         yield states, batch
+
+
+def run_to_layer(backbone: LayerwiseBackbone, inputs: dict[str, torch.Tensor], layer: int) -> LayerState:
+    """The state of layer ``layer`` (0 = embeddings) of a tokenised batch, computing no layer beyond it."""
+    with torch.no_grad():
+        state = backbone.embed(**inputs)
+        for _ in range(layer):
+            state = backbone.run_layer(state)
+    return state
+
+
+def iterate_to_layer(backbone: LayerwiseBackbone, head: Any, batches: Iterable[dict[str, Any]], layer: int,
+                     desc: str = "layers", progress: bool = True) -> Iterator[tuple[LayerState, dict[str, Any]]]:
+    """Yield (state of layer ``layer``, batch) for every batch: keys need only the layers up to theirs."""
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
+        yield run_to_layer(backbone, encode_batch(backbone, head, batch), layer), batch

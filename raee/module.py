@@ -37,6 +37,7 @@ class EarlyExitModule(L.LightningModule):
         self.wall_time_s = 0.0
         self.timings: dict[str, float] = {}
         self.rank_runs: list[dict[str, Any]] = []  # each rank's examples and seconds (several devices)
+        self.flops = {"layer": 0.0, "key": 0.0}  # one backbone layer's and the keys' FLOPs, summed (raee.cost)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -52,7 +53,18 @@ class EarlyExitModule(L.LightningModule):
         start = time.perf_counter()
         result = run_early_exit(self.backbone, self.head, self.strategy, inputs, ctx)
         self._sync()
-        return result, time.perf_counter() - start, ctx.timings
+        seconds = time.perf_counter() - start
+        self._last_tokens = inputs["attention_mask"].sum(1).cpu()  # for the FLOPs count, outside the timed region
+        return result, seconds, ctx.timings
+
+    def count_flops(self, texts: list[str]) -> None:
+        """Add the last batch's FLOPs of one backbone layer and of its keys (a separate key encoder's)."""
+        from raee.cost import layer_flops
+
+        self.flops["layer"] += float(layer_flops(self.backbone.config, self._last_tokens).sum())
+        key_flops = getattr(self.strategy, "key_flops", None)
+        if callable(key_flops):
+            self.flops["key"] += float(key_flops(texts))
 
     def on_test_start(self) -> None:
         self._reset()
@@ -72,6 +84,7 @@ class EarlyExitModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         result, seconds, timings = self.run_batch(batch)
         self.wall_time_s += seconds
+        self.count_flops(list(batch["text"]))
         for key, value in timings.items():
             self.timings[key] = self.timings.get(key, 0.0) + value
         self.records.append({"index": batch["index"].cpu(), "label": batch["label"].cpu(),
@@ -114,7 +127,7 @@ class EarlyExitModule(L.LightningModule):
         out.update({"wall_time_s": self.wall_time_s, "throughput": n / self.wall_time_s if self.wall_time_s else None,
                     "retrieval_time_s": retrieval,
                     "retrieval_share": retrieval / self.wall_time_s if self.wall_time_s else None,
-                    "timings": dict(self.timings),
+                    "timings": dict(self.timings), "layer_flops": self.flops["layer"], "key_flops": self.flops["key"],
                     "layer_examples": list(self.backbone.layer_examples)})
         if len(self.rank_runs) > 1:
             out.update(rank_results(self.rank_runs, n))

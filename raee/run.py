@@ -176,7 +176,8 @@ def run(cfg: DictConfig, output_dir: str, group: str | None = None) -> dict[str,
             compare_oracle=bool(cfg.get("compare_oracle", False)), cache_dir=cfg.paths.cache_dir,
             trainer_kwargs=OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger,
             warmup_batches=int(cfg.warmup_batches), split=str(cfg.get("split", "test")),
-            regression_tolerance=float(cfg.get("regression_tolerance", 0.5)))
+            regression_tolerance=float(cfg.get("regression_tolerance", 0.5)),
+            reuse_full=bool(cfg.get("reuse_full_reference", False)))
         log_summary(logger, summary)
         location = logger_location(logger)
         status = "success"

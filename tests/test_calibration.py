@@ -14,7 +14,7 @@ from raee.calibration.calibrate import calibrate_on_tables
 from raee.calibration.simulate import simulate
 from raee.calibration.tables import SplitTables, compute_tables
 from raee.exit_loop import run_early_exit
-from raee.exits import BatchContext, EntropyExit, PatienceExit, RaeeDynamicExit, RaeeExit
+from raee.exits import BatchContext, EntropyExit, PatienceExit, RaeeChoiceExit, RaeeDynamicExit, RaeeExit
 from raee.experiment import prepare_head
 from raee.features import encode_batch
 from raee.heads import PrototypeHead
@@ -33,16 +33,66 @@ CURVE = [point(0.1, 0.90, 5.0), point(0.2, 0.95, 4.0), point(0.3, 0.95, 3.0), po
 
 
 def test_accuracy_target_picks_the_fastest_setting_at_least_as_accurate_as_the_full_model():
-    chosen, met = choose_point(CURVE, CalibrationTarget("accuracy", max_drop=0.0), full_accuracy=0.95)
+    strict = dict(gain_per_layer=None)  # strictly the fastest qualifying setting
+    chosen, met = choose_point(CURVE, CalibrationTarget("accuracy", max_drop=0.0, **strict), full_accuracy=0.95)
     assert met and chosen["value"] == 0.5  # 2.5 layers; 0.3 (3 layers) also qualifies but is slower
-    chosen, _ = choose_point(CURVE, CalibrationTarget("accuracy", max_drop=0.02), full_accuracy=0.95)
+    chosen, _ = choose_point(CURVE, CalibrationTarget("accuracy", max_drop=0.02, **strict), full_accuracy=0.95)
     assert chosen["value"] == 0.4  # 0.93 >= 0.95 - 0.02 at 2 layers
     # ties in cost go to the more accurate setting
     tie = [point(1, 0.95, 2.0), point(2, 0.97, 2.0)]
-    assert choose_point(tie, CalibrationTarget("accuracy"), 0.9)[0]["value"] == 2
+    assert choose_point(tie, CalibrationTarget("accuracy", **strict), 0.9)[0]["value"] == 2
     # nothing qualifies: the most accurate setting, flagged as not met
-    chosen, met = choose_point(CURVE, CalibrationTarget("accuracy"), full_accuracy=0.99)
+    chosen, met = choose_point(CURVE, CalibrationTarget("accuracy", **strict), full_accuracy=0.99)
     assert not met and chosen["value"] == 0.5
+
+
+def test_accuracy_target_takes_one_more_step_when_it_gains_enough_per_layer():
+    # 0.4 (0.93 at 2 layers) is the fastest at >= 0.93; 0.5 gains 3 points for half a layer more: worth it at the
+    # default rate of one point per layer, not at 10 points per layer
+    chosen, _ = choose_point(CURVE, CalibrationTarget("accuracy", max_drop=0.02), full_accuracy=0.95)
+    assert chosen["value"] == 0.5
+    chosen, _ = choose_point(CURVE, CalibrationTarget("accuracy", max_drop=0.02, gain_per_layer=0.1), 0.95)
+    assert chosen["value"] == 0.4
+    # a free vote at or above the full model does not stop the choice when a setting at the same cost is better;
+    # the cost that counts is the one with the keys ("cost"), not the layers alone
+    free = [point("hybrid", 0.81, 0.0) | {"cost": 0.02}, point("vote", 0.95, 0.0) | {"cost": 0.03},
+            point("full", 0.76, 6.0)]
+    assert choose_point(free, CalibrationTarget("accuracy"), full_accuracy=0.76)[0]["value"] == "vote"
+    assert choose_point(free, CalibrationTarget("accuracy", gain_per_layer=None), 0.76)[0]["value"] == "hybrid"
+
+
+def test_a_step_must_gain_beyond_the_noise_of_the_validation_split():
+    import numpy as np
+
+    from raee.calibration.target import paired_z
+
+    # 100 validation examples: the vote gets 70 right; the costlier hybrid 73, but they disagree on 33 examples
+    # (18 only the hybrid gets right, 15 only the vote): (18 - 15) / sqrt(33) = 0.52, not a real gain
+    vote = np.zeros(100, dtype=bool)
+    vote[:70] = True
+    hybrid = vote.copy()
+    hybrid[55:70] = False  # 15 the vote alone gets right
+    hybrid[70:88] = True  # 18 the hybrid alone gets right
+    assert paired_z(hybrid, vote) == pytest.approx(3 / 33 ** 0.5)
+    curve = [point("vote", 0.70, 0.0) | {"cost": 2.3, "_correct": vote},
+             point("hybrid", 0.73, 1.0) | {"cost": 3.3, "_correct": hybrid}]
+    assert choose_point(curve, CalibrationTarget("accuracy"), 0.66)[0]["value"] == "vote"
+    assert choose_point(curve, CalibrationTarget("accuracy", gain_confidence=None), 0.66)[0]["value"] == "hybrid"
+    # the same 3 points with no example the vote alone gets right is a real gain: 3 / sqrt(3) = 1.73 >= 1.645
+    sure = vote.copy()
+    sure[70:73] = True
+    curve[1] = point("hybrid", 0.73, 1.0) | {"cost": 3.3, "_correct": sure}
+    assert choose_point(curve, CalibrationTarget("accuracy"), 0.66)[0]["value"] == "hybrid"
+
+
+def test_budget_target_picks_the_most_accurate_setting_within_a_cost_with_the_keys():
+    curve = [point("a", 0.90, 1.0) | {"cost": 3.5}, point("b", 0.85, 1.0) | {"cost": 1.2}, point("c", 0.80, 2.0)]
+    chosen, met = choose_point(curve, CalibrationTarget("budget", max_cost=3.0), full_accuracy=0.9)
+    assert met and chosen["value"] == "b"  # "a" computes 1 layer but its keys cost 2.5 more
+    chosen, met = choose_point(curve, CalibrationTarget("budget", max_cost=1.0), full_accuracy=0.9)
+    assert not met and chosen["value"] == "b"  # nothing fits: the cheapest
+    with pytest.raises(ValueError, match="needs exit.max_cost"):
+        CalibrationTarget("budget")
 
 
 def test_mean_layer_target_picks_the_most_accurate_setting_within_the_budget():
@@ -96,10 +146,13 @@ def test_calibration_on_a_synthetic_validation_table_picks_the_documented_thresh
     assert curve[grid[1]] == (0.75, (0 + 1 + 0 + 2) / 4)
     assert curve[grid[2]] == (0.5, 0.0)
     assert result["met"] and result["value"] == 0.0 and result["validation"]["full_accuracy"] == 1.0
-    # allowing a 25-point drop buys the middle threshold; a 50-point drop the fastest
+    # strictly the fastest: allowing a 25-point drop buys the middle threshold; a 50-point drop the fastest
     for drop, want in ((0.25, grid[1]), (0.5, grid[2])):
-        strategy = EntropyExit(min_layer=0, target="accuracy", max_drop=drop, grid=grid)
+        strategy = EntropyExit(min_layer=0, target="accuracy", max_drop=drop, grid=grid, gain_per_layer=None)
         assert calibrate_on_tables(strategy, tables)["value"] == pytest.approx(want)
+    # at one point per layer, 25 points for 1.25 more layers is worth it: back to threshold 0
+    strategy = EntropyExit(min_layer=0, target="accuracy", max_drop=0.25, grid=grid)
+    assert calibrate_on_tables(strategy, tables)["value"] == 0.0
     # a layer budget of 1 picks the most accurate setting within it
     strategy = EntropyExit(min_layer=0, target="mean_layer", max_layer=1.0, grid=grid)
     assert calibrate_on_tables(strategy, tables)["value"] == pytest.approx(grid[1])
@@ -116,7 +169,8 @@ def test_patience_and_the_default_grids():
     assert [(p["value"], p["accuracy"], p["mean_layers_computed"]) for p in result["curve"]] == [(1.0, 0.5, 1.0),
                                                                                                 (2.0, 1.0, 2.0)]
     assert result["value"] == 2.0
-    assert calibrate_on_tables(PatienceExit(min_layer=0, target="accuracy", max_drop=0.5), tables)["value"] == 1.0
+    assert calibrate_on_tables(PatienceExit(min_layer=0, target="accuracy", max_drop=0.5, gain_per_layer=None),
+                               tables)["value"] == 1.0
     assert len(EntropyExit().default_grid(6, 5)) == 41 and EntropyExit().default_grid(6, 5)[-1] == pytest.approx(
         math.log(5))
 
@@ -172,7 +226,8 @@ def make_strategies() -> dict:
             "raee_dynamic": RaeeDynamicExit(BackboneKeys(layer=1), TorchExactRetriever(),
                                             NeighbourVote(threshold=0.5), k=3),
             "raee_dynamic_posterior": RaeeDynamicExit(BackboneKeys(layer=1), TorchExactRetriever(),
-                                                      VotePosterior(threshold=0.6), k=3)}
+                                                      VotePosterior(threshold=0.6), k=3),
+            "raee_choice": RaeeChoiceExit(BackboneKeys(layer=1), TorchExactRetriever(), VotePosterior(), k=3)}
 
 
 @pytest.mark.parametrize("name", ["entropy", "patience", "raee", "raee_dynamic", "raee_dynamic_posterior"])
@@ -201,7 +256,7 @@ def test_replay_on_tables_equals_the_exit_loop(tiny, tmp_path, name):
         assert torch.equal(replay.layers_computed, replay.exit_layers.clamp(min=1))
 
 
-@pytest.mark.parametrize("name", ["entropy", "raee_dynamic"])
+@pytest.mark.parametrize("name", ["entropy", "raee_dynamic", "raee_choice"])
 def test_calibration_never_reads_the_test_split(tiny, tmp_path, name):
     bb, head, dm = tiny  # its test split raises on any access
     strategy = make_strategies()[name]
@@ -211,7 +266,10 @@ def test_calibration_never_reads_the_test_split(tiny, tmp_path, name):
     assert result["split"] == "validation" and result["num_examples"] == 12
     assert strategy.get_knob() == result["value"]
     assert result["met"] and result["validation"]["accuracy"] >= result["validation"]["full_accuracy"]
-    assert len(result["curve"]) == len(strategy.default_grid(bb.num_layers, 3))
+    assert len(result["curve"]) == len(strategy.candidates(bb.num_layers, 3))
+    if name == "raee_choice":  # vote, head and hybrid were all candidates; the chosen setting is the one in force
+        assert strategy.get_settings(list(result["settings"])) == result["settings"]
+        assert {p["settings"]["aggregator.weight"] for p in result["curve"]} == {0.0, 2.0}
 
 
 def test_calibration_is_cached_by_content(tiny, tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ def compose_jobs(experiment: str, all_jobs: list[list[str]]):
         yield job, cfg
 
 
-@pytest.mark.parametrize("experiment,size,calibrated", [("pareto", (40, 70), 16), ("pareto_keys", (10, 10), 8)])
+@pytest.mark.parametrize("experiment,size,calibrated", [("pareto", (40, 70), 20), ("pareto_keys", (10, 10), 8)])
 def test_every_job_of_the_pareto_experiments_composes_and_builds_its_exit(experiment, size, calibrated):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
@@ -90,4 +90,25 @@ def test_every_job_of_the_pareto_experiments_composes_and_builds_its_exit(experi
             assert (job_cfg.data.max_train_examples, job_cfg.data.max_eval_examples) == sizes, job
     assert count == calibrated
     if experiment == "pareto":
-        assert methods == {"full", "oracle", "entropy", "patience", "raee", "raee_dynamic"}
+        assert methods == {"full", "oracle", "entropy", "patience", "raee", "raee_dynamic", "raee_choice", "knn"}
+
+
+def test_the_keys_sweep_of_real_lms_has_every_key_setting_and_batch_size():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+experiment=raee_lm_keys"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    all_jobs = [dict(o.split("=", 1) for o in job) for job in
+                jobs(OmegaConf.to_container(sweeper.params), OmegaConf.to_container(sweeper.sweeps))]
+    assert len(all_jobs) == 138 and cfg.reuse_full_reference
+    keys = {(j["backbone"], j.get("key_encoder"), j.get("key_encoder.layer")) for j in all_jobs if j["exit"] == "knn"}
+    assert {k for k in keys if k[0] == "smollm2"} == {("smollm2", "sentence", None)} | {
+        ("smollm2", "backbone", layer) for layer in ("0", "1", "2", "4", "8", "12")}
+    assert {k for k in keys if k[0] == "gemma3_270m"} == {("gemma3_270m", "sentence", None)} | {
+        ("gemma3_270m", "backbone", layer) for layer in ("0", "1", "2", "4", "8")}
+    for job in all_jobs:
+        batches = {"raee": {"32"}}.get(job["exit"], {"1", "32"})
+        assert job["data.eval_batch_size"] in batches, job
+        if job["exit"] in ("raee_choice", "knn"):
+            assert job["aggregator"] == "vote_posterior", job  # raee_choice's rule, not the experiment's paper rule
+        if job.get("key_encoder") == "backbone":
+            assert job["key_encoder.pooling"] == "auto", job

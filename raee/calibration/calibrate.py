@@ -24,18 +24,32 @@ from raee.errors import UserError
 SPLIT = "validation"
 
 
-def sweep_knob(strategy: Any, tables: SplitTables, grid: list[float]) -> list[dict[str, Any]]:
-    """One point per grid value: {value, accuracy, mean_exit_layer, mean_layers_computed} on ``tables``.
-    The strategy's knob is restored afterwards."""
-    before = strategy.get_knob()
+def sweep_settings(strategy: Any, tables: SplitTables, candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per candidate setting ({knob path: value}): {value (the strategy's main knob), settings (when
+    several knobs), accuracy, mean_exit_layer, mean_layers_computed, cost, _correct (N,) bool per example} on
+    ``tables``; cost = layers computed + the strategy's overhead in that setting (its keys' layer equivalents).
+    The knobs are restored afterwards."""
+    paths = sorted({path for settings in candidates for path in settings})
+    before = strategy.get_settings(paths)
     curve = []
     try:
-        for value in grid:
-            strategy.set_knob(value)
-            curve.append({"value": float(value), **simulate(strategy, tables).scores(tables.labels)})
+        for settings in candidates:
+            strategy.apply_settings(settings)
+            run = simulate(strategy, tables)
+            scores = run.scores(tables.labels)
+            point = {"value": settings.get(strategy.knob), **({"settings": dict(settings)} if len(paths) > 1 else {}),
+                     **scores, "_correct": (run.predictions == tables.labels).numpy()}  # for the paired test
+            point["cost"] = scores["mean_layers_computed"] + float(strategy.calibration_overhead(tables))
+            curve.append(point)
     finally:
-        strategy.set_knob(before)
+        strategy.apply_settings(before)
     return curve
+
+
+def sweep_knob(strategy: Any, tables: SplitTables, grid: list[float]) -> list[dict[str, Any]]:
+    """:func:`sweep_settings` over the values of the strategy's one knob: {value, accuracy, mean_exit_layer,
+    mean_layers_computed, cost} per grid value."""
+    return sweep_settings(strategy, tables, [{strategy.knob: float(value)} for value in grid])
 
 
 def full_model_scores(tables: SplitTables) -> dict[str, float]:
@@ -46,18 +60,20 @@ def full_model_scores(tables: SplitTables) -> dict[str, float]:
 
 
 def calibrate_on_tables(strategy: Any, tables: SplitTables) -> dict[str, Any]:
-    """Sweep the strategy's grid on validation ``tables`` and choose by its target (no cache)."""
-    grid = list(strategy.calibration.grid or strategy.default_grid(tables.num_layers, int(tables.logits.shape[-1])))
-    if not grid:
+    """Sweep the strategy's candidate settings on validation ``tables`` and choose by its target (no cache)."""
+    candidates = strategy.candidates(tables.num_layers, int(tables.logits.shape[-1]))
+    if not candidates:
         raise UserError(f"{type(strategy).__name__} has no default grid for {strategy.knob}: give exit.grid=[...]")
-    curve = sweep_knob(strategy, tables, grid)
+    curve = sweep_settings(strategy, tables, candidates)
     full = full_model_scores(tables)
     point, met = choose_point(curve, strategy.calibration, full["accuracy"])
-    return {"knob": strategy.knob, "value": point["value"], "met": met, **strategy.calibration.describe(),
-            "split": SPLIT, "num_examples": tables.size,
+    curve = [{k: v for k, v in p.items() if k != "_correct"} for p in curve]  # per-example answers stay here
+    return {"knob": strategy.knob, "value": point["value"], **({"settings": point["settings"]} if "settings" in point
+                                                              else {}),
+            "met": met, **strategy.calibration.describe(), "split": SPLIT, "num_examples": tables.size,
             "validation": {"accuracy": point["accuracy"], "full_accuracy": full["accuracy"],
                            "mean_exit_layer": point["mean_exit_layer"],
-                           "mean_layers_computed": point["mean_layers_computed"]},
+                           "mean_layers_computed": point["mean_layers_computed"], "cost": point["cost"]},
             "curve": curve}
 
 
@@ -84,7 +100,8 @@ def calibrate_on_validation(strategy: Any, backbone: Any, head: Any, datamodule:
     description = {"tables": tables_key(backbone, head, datamodule, SPLIT, retrieval),
                    "strategy": f"{type(strategy).__module__}.{type(strategy).__qualname__}",
                    "code": code_fingerprint(strategy), "knobs": strategy.knobs(), "knob": strategy.knob,
-                   "grid": list(strategy.calibration.grid or []), "target": strategy.calibration.describe()}
+                   "grid": list(strategy.calibration.grid or []), "target": strategy.calibration.describe(),
+                   "cost": "layers + keys (FLOPs)"}
     key = fingerprint(description)
     path = Path(cache_dir) / "calibration" / f"{key}.json" if cache_dir is not None else None
     if path is not None and path.exists():

@@ -44,12 +44,12 @@ def simulate(strategy: Any, tables: SplitTables) -> SimulatedRun:
         layers, _ = strategy.decide(tables.distances, tables.ids)
         layers = layers.long().cpu().clamp(0, L)
         computed = layers.clamp(min=strategy.plan_layer)
+        predictions = tables.logits[torch.arange(n), layers].argmax(-1)
     elif isinstance(strategy, DynamicExit):
-        layers = _replay_dynamic(strategy, tables)
+        layers, predictions = _replay_dynamic(strategy, tables)
         computed = layers.clone()
     else:
         raise TypeError(f"cannot replay {type(strategy).__name__}: it is neither a PlannedExit nor a DynamicExit")
-    predictions = tables.logits[torch.arange(n), layers].argmax(-1)
     return SimulatedRun(exit_layers=layers, layers_computed=computed, predictions=predictions)
 
 
@@ -58,8 +58,9 @@ def _need_neighbours(strategy: Any, tables: SplitTables) -> None:
         raise ValueError(f"{type(strategy).__name__} needs neighbours, but the tables were built without retrieval")
 
 
-def _replay_dynamic(strategy: DynamicExit, tables: SplitTables) -> torch.Tensor:
-    """The dynamic branch of :func:`raee.exit_loop.run_early_exit`, on stored logits."""
+def _replay_dynamic(strategy: DynamicExit, tables: SplitTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dynamic branch of :func:`raee.exit_loop.run_early_exit`, on stored logits: (exit layers (N,),
+    predictions (N,), the argmax of what the strategy answers with at each exit, :meth:`DynamicExit.answer`)."""
     L, n = tables.num_layers, tables.size
     ctx = BatchContext(num_layers=L, batch_size=n, texts=[""] * n)
     strategy.begin(ctx)
@@ -67,11 +68,15 @@ def _replay_dynamic(strategy: DynamicExit, tables: SplitTables) -> torch.Tensor:
         _need_neighbours(strategy, tables)
         strategy.remember_neighbours(tables.distances, tables.ids)
     exit_layers = torch.full((n,), L, dtype=torch.long)
+    predictions = torch.zeros(n, dtype=torch.long)
     active = torch.arange(n)
     for layer in range(strategy.min_layer, L + 1):
-        leaving = strategy.should_exit(layer, tables.logits[active, layer], active, ctx).cpu() | (layer == L)
+        logits = tables.logits[active, layer]
+        leaving = strategy.should_exit(layer, logits, active, ctx).cpu() | (layer == L)
+        if bool(leaving.any()):
+            predictions[active[leaving]] = strategy.answer(layer, logits, active, ctx).cpu()[leaving].argmax(-1)
         exit_layers[active[leaving]] = layer
         active = active[~leaving]
         if not len(active):
             break
-    return exit_layers
+    return exit_layers, predictions

@@ -31,7 +31,7 @@ from raee.database.exit_db import (INDEX_DIR, META_FILE, ExitDatabase, describe_
                                    setup_description)
 from raee.errors import UserError
 from raee.exits.simple import within_tolerance
-from raee.features import encode_batch
+from raee.features import encode_batch, run_to_layer
 from raee.keys import KeyEncoder
 
 #: db.keep_keys=auto keeps the raw float32 keys when they take at most this much disk (N x D x 4 bytes):
@@ -61,14 +61,23 @@ def select_fraction(n: int, fraction: float, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def exit_rows(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, batch: dict[str, Any],
-              tolerance: float | None = None) -> dict[str, np.ndarray]:
+              tolerance: float | None = None, layer_logits: Any = None) -> dict[str, np.ndarray]:
     """One batch through every layer -> its database rows: keys (B, D), labels (B,), ids (B,) and, per
     layer 0..L, preds (B, L+1), probs (B, L+1) and correct (B, L+1) (:func:`layer_rows`). Hidden
-    states are dropped on return."""
+    states are dropped on return.
+
+    layer_logits: the training split's per-layer head outputs computed before
+    (:func:`raee.calibration.tables.load_or_compute_layer_logits`); then the batch runs only up to the key layer."""
     enc = encode_batch(backbone, head, batch)
-    states = backbone.all_layers(**enc)
-    keys = key_encoder.encode(states[key_encoder.plan_layer], list(batch["text"]))
-    preds, probs, correct = layer_rows([head(s) for s in states], batch["label"], tolerance)
+    if layer_logits is None:
+        states = backbone.all_layers(**enc)
+        keys = key_encoder.encode(states[key_encoder.plan_layer], list(batch["text"]))
+        outputs = [head(s) for s in states]
+    else:
+        keys = key_encoder.encode(run_to_layer(backbone, enc, key_encoder.plan_layer), list(batch["text"]))
+        stored = layer_logits.logits[layer_logits.rows_of(batch["index"])]  # (B, L+1, C)
+        outputs = list(stored.unbind(1))
+    preds, probs, correct = layer_rows(outputs, batch["label"], tolerance)
     return {"keys": keys.float().cpu().numpy(), "labels": batch["label"].cpu().numpy(), "preds": preds.numpy(),
             "probs": probs.numpy(), "correct": correct.numpy(), "ids": batch["index"].long().cpu().numpy()}
 
@@ -159,6 +168,8 @@ def append_database(directory: str | Path, backbone: LayerwiseBackbone, head: An
 
     directory = Path(directory)
     started = time.perf_counter()
+
+    key_encoder.bind(backbone, head)
 
     def build(new: Path) -> None:
         old = ExitDatabase.load(directory)

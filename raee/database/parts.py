@@ -262,12 +262,14 @@ class PartResult:
 @torch.no_grad()
 def build_part(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, datamodule: Any, staging: str | Path,
                plan: BuildPlan, part: int, chosen: np.ndarray, *, tolerance: float | None = None,
-               rebuild: bool = False, progress: bool = True) -> PartResult:
+               rebuild: bool = False, progress: bool = True, layer_logits: Any = None) -> PartResult:
     """Compute the shards of part ``part`` of ``plan`` into ``staging``, keeping those already complete.
 
     chosen: the selected training positions (:func:`select_fraction`). One process per part at a time:
     a second one for the same part is refused (a file lock), as is a part folder built for another
     setup unless ``rebuild`` (which starts this part afresh).
+    layer_logits: the training split's per-layer head outputs, computed once for every key setting
+    (:func:`raee.calibration.tables.load_or_compute_layer_logits`): the pass then stops at the key layer.
     """
     if not 0 <= int(part) < plan.parts:
         raise UserError(f"db.part={part} must be one of 0..{plan.parts - 1} (db.parts={plan.parts})")
@@ -282,15 +284,16 @@ def build_part(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, 
                         "another process right now: each part must run once (check db.part= for a repeated part); "
                         "wait for it, or stop it and run this part again") from None
     try:
+        key_encoder.bind(backbone, head)
         return _build_part_locked(backbone, head, key_encoder, datamodule, staging, directory, plan, part, chosen,
-                                  tolerance, rebuild, progress)
+                                  tolerance, rebuild, progress, layer_logits)
     finally:
         lock.release()
 
 
 def _build_part_locked(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, datamodule: Any,
                        staging: Path, directory: Path, plan: BuildPlan, part: int, chosen: np.ndarray,
-                       tolerance: float | None, rebuild: bool, progress: bool) -> PartResult:
+                       tolerance: float | None, rebuild: bool, progress: bool, layer_logits: Any = None) -> PartResult:
     started = time.perf_counter()
     open_part(staging, directory, plan, part, rebuild)
     shards = plan.part_shards(part)
@@ -302,7 +305,7 @@ def _build_part_locked(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyE
     computed = 0
     if done < len(shards):
         computed = compute_shards(backbone, head, key_encoder, datamodule, directory, plan, shards[done:], chosen,
-                                  tolerance, report, progress)
+                                  tolerance, report, progress, layer_logits)
     result = PartResult(directory, part, plan.parts, reused=done, computed=computed, rows_computed=report.rows,
                         seconds=time.perf_counter() - started)
     atomic_write_text(directory / PART_FILE, json.dumps({
@@ -354,7 +357,7 @@ def complete_prefix(directory: Path, shards: range) -> int:
 
 def compute_shards(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, datamodule: Any,
                    directory: Path, plan: BuildPlan, shards: range, chosen: np.ndarray, tolerance: float | None,
-                   report: Progress, progress: bool) -> int:
+                   report: Progress, progress: bool, layer_logits: Any = None) -> int:
     """Compute ``shards`` (consecutive) into ``directory``, each shard's record written last; returns their count."""
     lo, hi = plan.shard_range(shards[0])[0], plan.shard_range(shards[-1])[1]
     report.todo_rows = hi - lo
@@ -372,7 +375,7 @@ def compute_shards(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncod
     writer = store.ShardWriter(directory / store.SHARDS_DIR, plan.shard_rows, first_shard=shards[0],
                                source={"dataset": getattr(datamodule, "name", None), "split": "train"},
                                on_shard=finish_shard)
-    for rows in tqdm(stream_rows(backbone, head, key_encoder, datamodule, chosen, lo, hi, tolerance),
+    for rows in tqdm(stream_rows(backbone, head, key_encoder, datamodule, chosen, lo, hi, tolerance, layer_logits),
                      desc=f"exit database {report.label}", disable=not progress, leave=False):
         writer.add(**rows)
         report.batch(len(rows["ids"]))
@@ -406,7 +409,7 @@ def other_builds(staging: Path, plan: BuildPlan, own: Path, remove: bool = False
 
 
 def stream_rows(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, datamodule: Any, chosen: np.ndarray,
-                lo: int, hi: int, tolerance: float | None) -> Iterator[dict[str, np.ndarray]]:
+                lo: int, hi: int, tolerance: float | None, layer_logits: Any = None) -> Iterator[dict[str, np.ndarray]]:
     """The database rows [lo, hi) (positions among the selected examples, in training-loader order), computed
     batch by batch from the loader's own batches: a batch that straddles ``lo`` or ``hi`` runs whole, as in a
     one-process build, and only its rows in range are kept."""
@@ -420,7 +423,7 @@ def stream_rows(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder,
             continue
         if start >= hi:
             break
-        rows = exit_rows(backbone, head, key_encoder, _subset(batch, take), tolerance)
+        rows = exit_rows(backbone, head, key_encoder, _subset(batch, take), tolerance, layer_logits)
         a, b = max(lo - start, 0), min(hi, position) - start
         yield {name: value[a:b] for name, value in rows.items()}
 
@@ -576,7 +579,7 @@ def plan_build(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, 
 def build_database(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncoder, retriever: Any, datamodule: Any,
                    directory: str | Path, *, fraction: float = 1.0, seed: int = 42, keep_keys: bool | str = "auto",
                    shard_rows: int | None = None, tolerance: float | None = None, progress: bool = True,
-                   staging: str | Path | None = None, rebuild: bool = False) -> ExitDatabase:
+                   staging: str | Path | None = None, rebuild: bool = False, layer_logits: Any = None) -> ExitDatabase:
     """One pass of the backbone over (a fraction of) the training split into the empty ``directory``: the
     one-process build, run as part 0 of 1 in ``staging`` (default ``<directory>.parts``, removed when done)
     and merged. A build killed before the end resumes from its complete shards; ``rebuild`` starts afresh.
@@ -589,6 +592,7 @@ def build_database(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncod
     shard_rows: rows per shard (default :func:`auto_shard_rows`: about 32 shards, at most 128 MiB each).
     tolerance: a regression head's "correct" is |prediction - target| <= tolerance (required for one;
         stored in the metadata and checked on use).
+    layer_logits: the training split's per-layer head outputs (see :func:`build_part`).
     """
     started = time.perf_counter()
     tolerance = regression_tolerance(head, tolerance)
@@ -617,7 +621,7 @@ def build_database(backbone: LayerwiseBackbone, head: Any, key_encoder: KeyEncod
     plan, chosen = plan_build(backbone, head, key_encoder, datamodule, fraction=fraction, seed=seed,
                               tolerance=tolerance, shard_rows=shard_rows)
     build_part(backbone, head, key_encoder, datamodule, staging, plan, 0, chosen, tolerance=tolerance,
-               progress=progress)
+               progress=progress, layer_logits=layer_logits)
     db = merge_parts(staging, directory, retriever, identity, keep_keys=keep_keys, progress=progress, started=started)
     if own_staging:
         shutil.rmtree(staging, ignore_errors=True)

@@ -110,6 +110,11 @@ class DynamicExit(ExitStrategy):
         """logits: (n, C) of the n examples still running at ``layer``; active: (n,) their batch positions.
         Returns (n,) bool: True for those that exit at this layer."""
 
+    def answer(self, layer: int, logits: torch.Tensor, active: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        """(n, C) what the examples of :meth:`should_exit`'s last call answer with if they leave: the head's logits
+        (default), or the strategy's own for some (the neighbours' vote of exit=raee_choice)."""
+        return logits
+
 
 def check_layer(value: int, num_layers: int, what: str) -> None:
     if not 0 <= int(value) <= num_layers:

@@ -56,6 +56,7 @@ class RetrievalExit(Calibrated, ExitStrategy):
         self.tolerance = float(tolerance)
         self.plan_layer = key_encoder.plan_layer
         self.db = None
+        self.key_choice: dict[str, Any] | None = None  # key_encoder.pooling=auto: what the validation split chose
 
     def knobs(self) -> dict[str, Any]:
         settings = {k: v for k, v in vars(self.aggregator).items() if isinstance(v, (int, float, str, bool))}
@@ -108,7 +109,18 @@ class RetrievalExit(Calibrated, ExitStrategy):
         """
         from raee import database
         from raee.cache import load_or_build
+        from raee.calibration.tables import load_or_compute_layer_logits
 
+        self.key_encoder.bind(backbone, head)
+        if getattr(self.key_encoder, "pooling", None) == "auto":  # chosen on validation before the database exists
+            from raee.key_choice import choose_pooling
+
+            if getattr(head, "regression", False):
+                raise UserError("key_encoder.pooling=auto chooses by the neighbours' label vote, which a regression "
+                                "task has not: give key_encoder.pooling=mean, text or last")
+            self.key_choice = choose_pooling(self.key_encoder, backbone, head, datamodule, k=self.k,
+                                             fraction=self.fraction, seed=self.seed, cache_dir=cache_dir,
+                                             progress=progress)
         directory = self.database_target(backbone, head, datamodule, cache_dir)
         staging = database.staging_dir(directory)  # beside the target: survives a killed build, to be resumed
         if (self.database_dir and not self.rebuild and not (directory / "meta.json").exists()
@@ -125,10 +137,17 @@ class RetrievalExit(Calibrated, ExitStrategy):
         built = []
 
         def build(path: Path) -> None:
+            # every layer's outputs on the training split are shared by every key setting (cached): the build
+            # itself then runs the backbone only up to the key layer
+            # (a fresh build only: parts staged by a killed build or by build_db's parts are resumed or merged
+            # without that whole-split pass)
+            fresh = database.staged_plan(staging) is None
+            layer_logits = (load_or_compute_layer_logits(backbone, head, datamodule, "train", cache_dir, progress)
+                            if cache_dir is not None and fresh else None)
             database.build_database(backbone, head, self.key_encoder, self.retriever, datamodule, path,
                                     fraction=self.fraction, seed=self.seed, keep_keys=self.keep_keys,
                                     shard_rows=self.shard_rows, tolerance=self.tolerance, progress=progress,
-                                    staging=staging, rebuild=not self.resume)
+                                    staging=staging, rebuild=not self.resume, layer_logits=layer_logits)
             built.append(path)
 
         db = load_or_build(directory, build, load, auto=not self.database_dir, what="exit database",
@@ -147,6 +166,7 @@ class RetrievalExit(Calibrated, ExitStrategy):
 
     def prepare(self, backbone: LayerwiseBackbone, head: Any) -> None:
         super().prepare(backbone, head)
+        self.key_encoder.bind(backbone, head)
         if self.db is None:
             raise RuntimeError("RAEE has no exit database: call fit() (run_experiment does) or use_database()")
         from raee.database import setup_description
@@ -158,6 +178,18 @@ class RetrievalExit(Calibrated, ExitStrategy):
             self.k = self.db.size
 
     # ------------------------------------------------------------------ retrieval
+    #: whether the strategy retrieves at all in its current setting (a calibrated choice may answer without)
+    retrieves: bool = True
+
+    def calibration_overhead(self, tables: Any) -> float:
+        """The keys' layer equivalents on ``tables`` (a separate encoder's FLOPs) when this setting retrieves."""
+        return tables.key_layer_equivalents() if self.retrieves else 0.0
+
+    def key_flops(self, texts: list[str]) -> float:
+        """FLOPs of the keys of ``texts`` beyond the backbone's layers (a separate encoder's; 0 when the strategy
+        does not retrieve). Counted outside the timed region (:mod:`raee.cost`)."""
+        return float(self.key_encoder.flops(texts).sum()) if self.retrieves else 0.0
+
     def neighbours(self, state: LayerState, texts: list[str], timings: dict[str, float] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys of the batch at :attr:`plan_layer` -> (distances (B, k) float, smaller = nearer; ids (B, k) long,

@@ -164,6 +164,21 @@ class PromptHead(Head):
             out.append(self.prompt_template.format(text=cut(text), text_pair=pair, mask=self._mask_token or ""))
         return out, None
 
+    def text_margins(self, backbone: LayerwiseBackbone) -> tuple[int, int]:
+        """(tokens before the text, tokens after it) in a formatted input: the template's two sides and the
+        special tokens, for keys pooled over the text alone (``key_encoder.pooling=text``). The space before
+        the text joins the text's first token, so the left side is counted without it."""
+        if self.prompt_template is None:
+            raise RuntimeError("the prompt head is not bound: call bind(backbone, label_names) first")
+        if "{text_pair}" in self.prompt_template:
+            raise UserError("key_encoder.pooling=text pools one text, but this prompt holds a pair ({text_pair}): "
+                            "use pooling=mean or last")
+        before, _, after = self.prompt_template.partition("{text}")
+        tok, mask = backbone.tokenizer, self._mask_token or ""
+        left = len(tok(before.rstrip(" ").format(mask=mask))["input_ids"]) - self._trailing_specials
+        right = len(tok(after.format(mask=mask), add_special_tokens=False)["input_ids"]) + self._trailing_specials
+        return left, right
+
     def positions(self, state: LayerState) -> torch.Tensor:
         """(B,) index of the token whose LM prediction is read."""
         if self.kind == "causal":  # the prompt's last token, before any appended special token (EOS, [SEP])

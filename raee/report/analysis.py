@@ -33,10 +33,12 @@ def pareto_front(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
 
 def speed_axis(df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """(speed-up per run, its source: 'wall' | 'sweep_wall' | 'layer' | ''), the first measured of
-    wall_speedup, sweep_wall_speedup, layer_speedup."""
+    wall_speedup, sweep_wall_speedup, then the counted ones: cost_speedup (L / layer equivalents, keys included),
+    layer_speedup (source 'layer' for both: not timed)."""
     speed = pd.Series(np.nan, index=df.index)
     source = pd.Series("", index=df.index)
-    for col, name in (("wall_speedup", "wall"), ("sweep_wall_speedup", "sweep_wall"), ("layer_speedup", "layer")):
+    for col, name in (("wall_speedup", "wall"), ("sweep_wall_speedup", "sweep_wall"), ("cost_speedup", "layer"),
+                      ("layer_speedup", "layer")):
         if col not in df.columns:
             continue
         vals = pd.to_numeric(df[col], errors="coerce")

@@ -22,7 +22,9 @@ SWEEP_MARKER = "multirun.yaml"
 COLUMNS = (
     "method", "knobs", "dataset", "split", "backbone", "head", "num_layers", "task_metric", "task_metric_value",
     "accuracy", "macro_f1", "mcc", "spearman", "budget", "mean_exit_layer", "mean_layers_computed", "layer_speedup",
-    "computed_layer_speedup", "layers_saved", "flops_speedup", "wall_time_s", "full_wall_time_s", "wall_speedup",
+    "computed_layer_speedup", "layers_saved", "flops_speedup", "key_layer_equivalents", "retrieval_layer_equivalents",
+    "cost_layer_equivalents", "cost_speedup", "wall_per_cost_speedup", "retrieval_overhead_s",
+    "wall_time_s", "full_wall_time_s", "wall_speedup",
     "sweep_wall_speedup", "throughput", "retrieval_share", "full_accuracy", "oracle_accuracy", "oracle_mean_exit_layer",
     "tuned_knob", "calibrated", "calibration_met", "val_accuracy", "val_full_accuracy", "val_mean_layers_computed",
     "num_examples", "seed", "exit_layer_counts", "overrides", "sweep", "run_dir",
@@ -31,6 +33,8 @@ COLUMNS = (
     "full_tokens_per_s", "prefill_flops_speedup", "decode_flops_speedup", "mean_generated_tokens")
 NUMERIC_COLUMNS = ("task_metric_value", "accuracy", "macro_f1", "mcc", "spearman", "mean_exit_layer",
                    "mean_layers_computed", "layer_speedup", "computed_layer_speedup", "layers_saved", "flops_speedup",
+                   "key_layer_equivalents", "retrieval_layer_equivalents", "cost_layer_equivalents", "cost_speedup",
+                   "wall_per_cost_speedup", "retrieval_overhead_s",
                    "wall_time_s", "full_wall_time_s", "wall_speedup", "sweep_wall_speedup", "throughput",
                    "retrieval_share", "full_accuracy", "oracle_accuracy", "oracle_mean_exit_layer", "val_accuracy",
                    "val_full_accuracy", "val_mean_layers_computed", "rougeL", "rouge1", "rouge2", "exact_match",
@@ -227,6 +231,28 @@ def add_sweep_speedup(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def add_sweep_retrieval_cost(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs timed without the full model beside them (a sweep's curve points, compare_full=false) have no
+    ``retrieval_layer_equivalents``: count their measured retrieval in layers of the sweep's exit=full run (one
+    layer on one example = its wall time / (examples x L)) and add it to their cost (:mod:`raee.cost`)."""
+    df = df.copy()
+    keys = ["sweep", "dataset", "split", "backbone", "head"]
+    for _, idx in df[keys].astype(str).groupby(keys).groups.items():
+        group = df.loc[idx]
+        full = group[group["method"] == "full"]
+        per_layer = (full["wall_time_s"] / (full["num_examples"] * full["num_layers"])).astype(float)
+        per_layer = per_layer[per_layer > 0]
+        missing = group.index[group["retrieval_layer_equivalents"].isna() & (group["retrieval_overhead_s"] > 0)
+                              & group["cost_layer_equivalents"].notna()]
+        if per_layer.empty or not len(missing):
+            continue
+        retrieval = df.loc[missing, "retrieval_overhead_s"] / df.loc[missing, "num_examples"] / per_layer.mean()
+        df.loc[missing, "retrieval_layer_equivalents"] = retrieval
+        df.loc[missing, "cost_layer_equivalents"] += retrieval
+        df.loc[missing, "cost_speedup"] = df.loc[missing, "num_layers"] / df.loc[missing, "cost_layer_equivalents"]
+    return df
+
+
 def collect(root: str | Path) -> pd.DataFrame:
     """Every run below ``root`` (recursively) as one row: the summary's metrics, ``knobs`` as a readable
     string and one ``knob_<name>`` column per knob (nested knobs dotted), ``sweep_wall_speedup``,
@@ -247,4 +273,4 @@ def collect(root: str | Path) -> pd.DataFrame:
     df = add_sweep_speedup(df)
     df = df[[*COLUMNS[:2], *knob_cols, *COLUMNS[2:]]]
     df[list(NUMERIC_COLUMNS)] = df[list(NUMERIC_COLUMNS)].apply(pd.to_numeric, errors="coerce")  # None -> NaN
-    return df.reset_index(drop=True)
+    return add_sweep_retrieval_cost(df).reset_index(drop=True)

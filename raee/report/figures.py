@@ -130,7 +130,8 @@ def plot_exit_layers(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def plot_pareto(df: pd.DataFrame, path: str | Path, axis: str = "layers") -> Path:
-    """pareto_layers.png (axis="layers": accuracy against mean layers computed, lower is better) or
+    """pareto_layers.png (axis="layers": accuracy against the cost in layer equivalents, keys included, lower is
+    better; :func:`raee.report.pareto.cost_column`) or
     pareto_speedup.png (axis="speedup": against the wall-clock speed-up). One panel per dataset/backbone/head,
     one line per curve (:func:`raee.report.pareto.curve_names`); dominated runs hollow, calibrated runs as
     large stars, the oracle as a black star and the full model's accuracy as a dotted line."""
@@ -180,7 +181,7 @@ def plot_pareto(df: pd.DataFrame, path: str | Path, axis: str = "layers") -> Pat
         generation = (sub.get("task_type", pd.Series("", index=sub.index)).astype(str) == "generation").all()
         if axis == "layers":
             ax.set_xlabel("FLOPs per token, in layers of the full model (L / FLOPs speed-up)" if generation
-                          else "mean layers computed per example (keys' layers included)")
+                          else "cost per example in backbone layer equivalents (layers, keys, retrieval)")
         else:
             ax.set_xlabel("wall-clock speed-up vs the full model (same process" +
                           (", generated tokens/s)" if generation else ")"))

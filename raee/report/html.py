@@ -2,7 +2,7 @@
 
 - the speed-accuracy chart, one per dataset/backbone/head: one point per run; hovering shows the run's
   overrides and numbers; clicking a method in the legend hides or shows it; a menu switches the x axis
-  between the speed-up and the mean layers computed;
+  between the speed-up and the cost in layer equivalents with the keys included (:mod:`raee.cost`);
 - the results table, sortable by clicking a header;
 - the exit-layer histograms: the share of examples leaving at each layer, one bar series per run.
 
@@ -30,7 +30,8 @@ TABLE_COLUMNS: dict[str, tuple[str, str]] = {
     "dataset": ("dataset", ""), "backbone_short": ("backbone", ""), "head": ("head", ""), "method": ("method", ""),
     "knobs": ("knobs", ""), "task_metric": ("metric", ""), "task_metric_value": ("value", ".4f"),
     "accuracy": ("accuracy", ".4f"), "mean_exit_layer": ("mean exit layer", ".2f"),
-    "mean_layers_computed": ("layers computed", ".2f"), "num_layers": ("L", ""),
+    "mean_layers_computed": ("layers computed", ".2f"),
+    "cost_layer_equivalents": ("cost (layer equiv., keys incl.)", ".2f"), "num_layers": ("L", ""),
     "layer_speedup": ("layer speed-up", ".2f"), "wall_speedup": ("wall speed-up", ".2f"),
     "sweep_wall_speedup": ("sweep wall speed-up", ".2f"), "flops_speedup": ("FLOPs speed-up", ".2f"),
     "retrieval_share": ("retrieval share", ".1%"), "calibrated": ("calibrated", ""), "pareto": ("Pareto", ""),
@@ -39,7 +40,7 @@ TABLE_COLUMNS: dict[str, tuple[str, str]] = {
 #: long text columns: wrapped, not one wide line
 WRAPPED = ("knobs", "overrides", "run_dir")
 HOVER_FIELDS = ("label", "overrides", "task_metric", "task_metric_value", "accuracy", "cost",
-                "speedup", "speedup_source", "layer_speedup", "retrieval_share", "run_dir")
+                "speedup", "speedup_source", "layer_speedup", "retrieval_share", "run_dir", "layers_shown")
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
 
@@ -132,13 +133,16 @@ def method_colors(df: pd.DataFrame) -> dict[str, str]:
 
 
 def speed_figure(group: pd.DataFrame, title: str) -> Any:
-    """One point per run: x = speed-up (menu: layers computed), y = the task metric; one trace per method."""
+    """One point per run: x = speed-up (menu: cost in layer equivalents), y = the task metric; one trace per
+    method."""
     import plotly.graph_objects as go
 
     colors = method_colors(group)
     methods = list(colors)
     fig = go.Figure()
     xs_speed, xs_layers = [], []
+    layers = pd.to_numeric(group.get("mean_layers_computed", pd.Series(index=group.index, dtype=float)), errors="coerce")
+    group = group.assign(layers_shown=layers.fillna(pd.to_numeric(group["mean_exit_layer"], errors="coerce")))
     for method in methods:
         runs = group[group["method"].astype(str) == method].sort_values("speedup")
         hover = [[_jsonable(r.get(f)) for f in HOVER_FIELDS] for _, r in runs.iterrows()]
@@ -154,11 +158,13 @@ def speed_figure(group: pd.DataFrame, title: str) -> Any:
             line={"width": 1, "color": colors[method]},
             hovertemplate=("<b>%{customdata[0]}</b><br>overrides: %{customdata[1]}<br>%{customdata[2]}: "
                            "%{customdata[3]:.4f} (accuracy %{customdata[4]:.4f})<br>layers computed: "
-                           "%{customdata[5]:.2f}<br>speed-up: %{customdata[6]:.2f}x (%{customdata[7]}; layer "
+                           "%{customdata[11]:.2f}<br>cost with keys: %{customdata[5]:.2f} layer equivalents<br>"
+                           "speed-up: %{customdata[6]:.2f}x (%{customdata[7]}; layer "
                            "speed-up %{customdata[8]:.2f}x)<br>retrieval share: %{customdata[9]:.1%}<br>"
                            "run: %{customdata[10]}<extra></extra>")))
     speed_title = "speed-up vs the full model (wall-clock; open circles: layer-based, no timing)"
-    layer_title = "mean layers computed per example (token-level exits: L / FLOPs speed-up)"
+    layer_title = ("cost per example in layer equivalents: layers, keys, retrieval (token-level exits: L / FLOPs "
+                   "speed-up)")
     fig.update_layout(
         title={"text": title, "font": {"size": 14}}, height=480, template="plotly_white",
         xaxis_title=speed_title, yaxis_title=", ".join(sorted(group["task_metric"].dropna().astype(str).unique())),
@@ -166,7 +172,7 @@ def speed_figure(group: pd.DataFrame, title: str) -> Any:
         updatemenus=[{"type": "buttons", "direction": "right", "x": 0, "y": 1.13, "xanchor": "left",
                       "buttons": [{"label": "x: speed-up", "method": "update",
                                    "args": [{"x": xs_speed}, {"xaxis.title.text": speed_title}]},
-                                  {"label": "x: layers computed", "method": "update",
+                                  {"label": "x: cost (layer equivalents)", "method": "update",
                                    "args": [{"x": xs_layers}, {"xaxis.title.text": layer_title}]}]}])
     return fig
 

@@ -3,10 +3,11 @@ gap to the oracle.
 
 - A **curve** is a method plus the knobs that tell its variants apart (the aggregation rule, the key encoder,
   min_layer, ...) but not the knob a sweep or a calibration moves along the curve (threshold, patience, ...).
-- **Cost** is the mean number of backbone layers computed per example (``mean_layers_computed``: the layers
-  run before planning count for every example), falling back to the mean exit layer for older summaries;
-  for token-level exits (HashEE) and generation runs L / FLOPs speed-up (FLOPs per token, in layers of the
-  full model).
+- **Cost** is the run's cost per example in backbone layer equivalents with its keys included
+  (``cost_layer_equivalents``: layers computed, the layers run before planning counting for every example, plus
+  a separate key encoder's FLOPs and the measured retrieval, :mod:`raee.cost`), falling back to the mean layers
+  computed, then the mean exit layer, for older summaries; for token-level exits (HashEE) and generation runs
+  L / FLOPs speed-up (FLOPs per token, in layers of the full model).
 - A run is **dominated** when another run of the same dataset/backbone/head (the label-reading oracle
   excluded) is at least as accurate at no more cost, and strictly better in one of the two.
 - The **oracle gap** of a curve: within the box spanned by the oracle's point (its cost L_o, its accuracy
@@ -32,7 +33,7 @@ SWEPT_KNOBS = ("threshold", "patience", "layer", "aggregator.threshold")
 #: methods whose exits are per token: every example computes all layers, on fewer tokens
 TOKEN_LEVEL = ("hashee",)
 #: knobs that record how a run was calibrated: the same curve
-CALIBRATION_KNOBS = ("target", "max_drop", "max_layer")
+CALIBRATION_KNOBS = ("target", "max_drop", "max_layer", "max_cost", "gain_per_layer", "gain_confidence")
 
 
 def dominated(cost: Sequence[float], value: Sequence[float]) -> np.ndarray:
@@ -50,13 +51,13 @@ def dominated(cost: Sequence[float], value: Sequence[float]) -> np.ndarray:
 
 
 def cost_column(df: pd.DataFrame) -> pd.Series:
-    """Mean layers computed per run, else its mean exit layer. Token-level exits (HashEE) run every example
-    through all L layers with fewer tokens, so their cost is L / FLOPs speed-up: the layers an example-level
-    exit would compute for the same FLOPs."""
+    """Cost per run in layer equivalents with the keys included, else its mean layers computed, else its mean
+    exit layer. Token-level exits (HashEE) run every example through all L layers with fewer tokens, so their
+    cost is L / FLOPs speed-up: the layers an example-level exit would compute for the same FLOPs."""
     def column(name: str) -> pd.Series:
         return pd.to_numeric(df.get(name, pd.Series(np.nan, index=df.index)), errors="coerce")
 
-    layers = column("mean_layers_computed").fillna(column("mean_exit_layer"))
+    layers = column("cost_layer_equivalents").fillna(column("mean_layers_computed")).fillna(column("mean_exit_layer"))
     generation = df.get("task_type", pd.Series("", index=df.index)).astype(str) == "generation"
     token_level = (df.get("method", pd.Series("", index=df.index)).isin(TOKEN_LEVEL) | generation) & (
         column("flops_speedup") > 0)
@@ -69,7 +70,8 @@ def curve_names(df: pd.DataFrame) -> pd.Series:
     out = pd.Series("", index=df.index, dtype=object)
     knob_cols = [c for c in df.columns if c.startswith("knob_")]
     for method, sub in df.groupby("method", sort=False):
-        swept = set(SWEPT_KNOBS) | {str(k) for k in sub.get("tuned_knob", pd.Series(dtype=object)).dropna()}
+        tuned = sub.get("tuned_knob", pd.Series(dtype=object)).dropna()
+        swept = set(SWEPT_KNOBS) | {k for knobs in tuned for k in str(knobs).split(",")}  # "a,b": several tuned
         skip = {f"knob_{k}" for k in (*swept, *CALIBRATION_KNOBS)}
         cols = [c for c in knob_cols if c not in skip and sub[c].astype(str).nunique(dropna=False) > 1]
         for i, row in sub.iterrows():

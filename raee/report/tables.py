@@ -39,12 +39,14 @@ RESULT_HEADERS = {
     "dataset": "dataset", "backbone_short": "backbone", "head": "head", "method": "method", "knobs_shown": "knobs",
     "task_metric": "metric", "task_metric_value": "value", "accuracy": "accuracy", "macro_f1": "macro F1",
     "spearman": "Spearman", "budget": "fine-tuning budget", "tokens_per_s": "tokens/s",
-    "mean_exit_layer": "mean exit layer", "mean_layers_computed": "layers computed", "num_layers": "L",
+    "mean_exit_layer": "mean exit layer", "mean_layers_computed": "layers computed",
+    "cost_layer_equivalents": "cost (layer equiv., keys incl.)", "num_layers": "L",
     "layer_speedup": "layer speed-up",
     "wall_speedup": "wall speed-up", "sweep_wall_speedup": "sweep wall speed-up", "flops_speedup": "FLOPs speed-up",
     "retrieval_share": "retrieval share", "num_examples": "n", "pareto": "Pareto", "run_dir": "run",
 }
-RESULT_FORMATS = {"tokens_per_s": ".1f", "mean_exit_layer": ".2f", "mean_layers_computed": ".2f", "layer_speedup": ".2f", "wall_speedup": ".2f",
+RESULT_FORMATS = {"tokens_per_s": ".1f", "mean_exit_layer": ".2f", "mean_layers_computed": ".2f",
+                  "cost_layer_equivalents": ".2f", "layer_speedup": ".2f", "wall_speedup": ".2f",
                   "sweep_wall_speedup": ".2f", "flops_speedup": ".2f", "retrieval_share": ".1%"}
 
 
@@ -65,7 +67,7 @@ def results_markdown(df: pd.DataFrame) -> str:
 PARETO_HEADERS = {
     "dataset": "dataset", "backbone_short": "backbone", "head": "head", "curve": "curve", "runs": "runs",
     "undominated": "undominated", "best_within_1": "best within 1 layer", "best_within_2": "best within 2 layers",
-    "fewest_layers_at_full": "fewest layers at >= full", "oracle_gap": "oracle gap", "calibrated_runs": "calibrated",
+    "fewest_layers_at_full": "lowest cost at >= full", "oracle_gap": "oracle gap", "calibrated_runs": "calibrated",
 }
 PARETO_FORMATS = {"fewest_layers_at_full": ".2f", "oracle_gap": ".3f"}
 
@@ -81,9 +83,10 @@ def pareto_markdown(df: pd.DataFrame) -> str:
     table = table.assign(backbone_short=[str(b).rstrip("/").split("/")[-1] for b in table["backbone"]])
     refs = table.drop_duplicates(["dataset", "backbone", "head"])
     lines = [
-        "Cost = mean backbone layers computed per example (layers run before planning count for every example; "
-        "a separate key encoder's time is in the wall-clock only; token-level exits (HashEE) and generation runs: "
-        "L / FLOPs speed-up, FLOPs per token in layers of the full model). "
+        "Cost = backbone layer equivalents per example, keys included: layers computed (layers run before planning "
+        "count for every example) + a separate key encoder's FLOPs / one layer's + measured search and aggregation "
+        "time / one layer's time (docs/concepts/cost-accounting.md); token-level exits (HashEE) and generation runs: "
+        "L / FLOPs speed-up, FLOPs per token in layers of the full model. "
         "A run is dominated when another run of the same "
         "dataset/backbone/head (oracle excluded) is at least as accurate at no more cost. Oracle gap: within the "
         "box from the oracle's point (its layers, its accuracy) to the full model (L layers, its accuracy), the "
