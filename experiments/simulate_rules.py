@@ -39,6 +39,7 @@ from hydra.utils import instantiate  # noqa: E402
 from raee.calibration.calibrate import calibrate_on_tables, full_model_scores, sweep_settings  # noqa: E402
 from raee.calibration.simulate import simulate  # noqa: E402
 from raee.calibration.tables import load_or_compute_tables  # noqa: E402
+from raee.calibration.target import paired_z  # noqa: E402
 from raee.cli import user_errors  # noqa: E402
 from raee.errors import UserError  # noqa: E402
 from raee.exits.knn import neighbour_vote  # noqa: E402
@@ -73,10 +74,10 @@ def key_overrides(spec: str) -> list[str]:
     return ["key_encoder=backbone", f"key_encoder.layer={layer}", f"key_encoder.pooling={pooling or 'auto'}"]
 
 
-def knn_scores(tables, info, num_classes: int, k: int) -> float:
-    """Accuracy of exit=knn's majority vote (ties: the nearest neighbour's label) on ``tables``."""
+def knn_right(tables, info, num_classes: int, k: int) -> torch.Tensor:
+    """(N,) bool: exit=knn's majority vote (ties: the nearest neighbour's label) is right on ``tables``."""
     votes = neighbour_vote(tables.distances[:, :k], tables.ids[:, :k], info.labels, num_classes)
-    return float((votes.argmax(-1) == tables.labels).float().mean())
+    return votes.argmax(-1) == tables.labels
 
 
 def replay_keys(spec: str, args: argparse.Namespace, target: list[str]) -> list[dict]:
@@ -100,7 +101,9 @@ def replay_keys(spec: str, args: argparse.Namespace, target: list[str]) -> list[
     full = full_model_scores(test)["accuracy"]
     full_val = full_model_scores(val)["accuracy"]
     key_le = test.key_layer_equivalents()
-    knn_val, knn_test = (knn_scores(t, base.db.info, classes, base.k) for t in (val, test))
+    knn_val_right, knn_test_right = (knn_right(t, base.db.info, classes, base.k) for t in (val, test))
+    knn_val, knn_test = float(knn_val_right.float().mean()), float(knn_test_right.float().mean())
+    full_right = test.correct()[:, -1].clone()  # the paired tests on test below compare each rule with these two
     correct = test.correct()
     correct[:, -1] = True  # the oracle runs examples no layer gets right to the end
     keys = base.key_encoder.describe()
@@ -114,10 +117,12 @@ def replay_keys(spec: str, args: argparse.Namespace, target: list[str]) -> list[
           f"{'layers':>6s} {'cost':>6s} {'>=full':>6s} {'>=knn':>5s}")
     rows = [{"keys": spec, "key_encoder": keys, "key_choice": base.key_choice, "dataset": dm.name, "backbone": bb.name,
              "num_layers": bb.num_layers, "strategy": "full", "test_accuracy": full, "val_accuracy": full_val,
-             "cost": bb.num_layers, "key_layer_equivalents": key_le},
+             "mean_exit_layer": bb.num_layers, "mean_layers_computed": bb.num_layers, "cost": bb.num_layers,
+             "key_layer_equivalents": 0.0, "z_vs_knn": paired_z(full_right, knn_test_right)},
             {"keys": spec, "key_encoder": keys, "dataset": dm.name, "backbone": bb.name, "num_layers": bb.num_layers,
              "strategy": "knn", "test_accuracy": knn_test, "val_accuracy": knn_val, "cost": base.plan_layer + key_le,
-             "mean_layers_computed": base.plan_layer, "key_layer_equivalents": key_le}]
+             "mean_layers_computed": base.plan_layer, "key_layer_equivalents": key_le,
+             "z_vs_full": paired_z(knn_test_right, full_right)}]
     print(f"{'knn (neighbours majority label)':30s} {'k=' + str(base.k):>44s} {knn_val:>8.4f} "
           f"{base.plan_layer + key_le:>8.2f} | {knn_test:>8.4f} {base.plan_layer:>5.2f} {base.plan_layer:>6.2f} "
           f"{base.plan_layer + key_le:>6.2f} {'yes' if knn_test >= full - 1e-9 else 'no':>6s}")
@@ -144,7 +149,8 @@ def replay_keys(spec: str, args: argparse.Namespace, target: list[str]) -> list[
             on_val = simulate(strategy, val).scores(val.labels)
             val_acc, val_cost = on_val["accuracy"], on_val["mean_layers_computed"] + strategy.calibration_overhead(val)
         val_correct = (simulate(strategy, val).predictions == val.labels).numpy()  # for the paired test across keys
-        scores = simulate(strategy, test).scores(test.labels)
+        on_test = simulate(strategy, test)
+        scores, test_right = on_test.scores(test.labels), on_test.predictions == test.labels
         cost = scores["mean_layers_computed"] + float(getattr(strategy, "calibration_overhead", lambda t: 0.0)(test))
         setting = ", ".join(f"{k.split('.')[-1]}={'-' if v is None else format(v, 'g')}" for k, v in chosen.items())
         print(f"{name:30s} {setting:>44s} {val_acc:>8.4f} {val_cost:>8.2f} | {scores['accuracy']:>8.4f} "
@@ -156,6 +162,7 @@ def replay_keys(spec: str, args: argparse.Namespace, target: list[str]) -> list[
                      "val_accuracy": val_acc, "val_cost": val_cost, "test_accuracy": scores["accuracy"],
                      "mean_exit_layer": scores["mean_exit_layer"], "mean_layers_computed": scores["mean_layers_computed"],
                      "cost": cost, "key_layer_equivalents": key_le, "met": met, "_correct": val_correct,
+                     "z_vs_full": paired_z(test_right, full_right), "z_vs_knn": paired_z(test_right, knn_test_right),
                      "grid_size": len(result["curve"]) if calibrated else 1})
         if args.curves and calibrated:
             points = sweep_settings(strategy, test, strategy.candidates(test.num_layers, classes))
@@ -192,17 +199,31 @@ def choose_keys(rows: list[dict], target: list[str]) -> None:
 
 def write_csv(rows: list[dict], path: str) -> None:
     """One line per row: dataset, backbone, keys, strategy, settings, validation and test accuracy, layers and cost
-    (layer equivalents, keys included); appended to an existing file with the same columns."""
+    (layer equivalents, keys included) and L / cost, whether test accuracy reaches the full model's, kNN's and both
+    (same keys), McNemar's z of the row against each on the test split (> 0: better; |z| < 1.96: no difference
+    at 95%); appended to an existing file with the same columns."""
     import pandas as pd
 
+    best: dict = {}  # (dataset, backbone, keys) -> {"full": test accuracy, "knn": test accuracy}
+    for r in rows:
+        if r["strategy"] in ("full", "knn"):
+            best.setdefault((r["dataset"], r["backbone"], r["keys"]), {})[r["strategy"]] = r["test_accuracy"]
+
+    def reaches(r: dict, which: str) -> bool:
+        return bool(r["test_accuracy"] >= best[(r["dataset"], r["backbone"], r["keys"])][which] - 1e-9)
+
     table = pd.DataFrame([{
-        "dataset": r["dataset"], "backbone": r["backbone"], "num_layers": r["num_layers"], "keys": r["keys"],
+        "dataset": r["dataset"], "backbone": r["backbone"], "num_layers": r["num_layers"], "target": r.get("target"),
+        "keys": r["keys"],
         "key_pooling": (r.get("key_encoder") or {}).get("pooling"), "strategy": r["strategy"],
         "settings": json.dumps(r.get("settings")) if r.get("settings") else "",
         "grid_size": r.get("grid_size"), "val_accuracy": r.get("val_accuracy"), "val_cost": r.get("val_cost"),
         "test_accuracy": r["test_accuracy"], "mean_exit_layer": r.get("mean_exit_layer"),
         "mean_layers_computed": r.get("mean_layers_computed"), "key_layer_equivalents": r["key_layer_equivalents"],
-        "cost": r["cost"], "chosen_across_keys": bool(r.get("chosen_across_keys", False))} for r in rows])
+        "cost": r["cost"], "cost_speedup": r["num_layers"] / r["cost"] if r["cost"] > 0 else float("inf"),
+        "reaches_full": reaches(r, "full"), "reaches_knn": reaches(r, "knn"),
+        "reaches_both": reaches(r, "full") and reaches(r, "knn"), "z_vs_full": r.get("z_vs_full"),
+        "z_vs_knn": r.get("z_vs_knn"), "chosen_across_keys": bool(r.get("chosen_across_keys", False))} for r in rows])
     exists = os.path.exists(path)
     table.to_csv(path, mode="a" if exists else "w", header=not exists, index=False)
 
@@ -232,6 +253,12 @@ def main() -> None:
     rows = [row for spec in args.keys for row in replay_keys(spec, args, target)]
     if len(args.keys) > 1:
         choose_keys(rows, target)
+    goal = f"{args.target} max_drop={args.max_drop:g}" + {
+        "accuracy": f" gain_per_layer={args.gain_per_layer} gain_confidence={args.gain_confidence}",
+        "budget": f" max_cost={args.max_cost:g}" if args.max_cost is not None else "",
+        "mean_layer": f" max_layer={args.max_layer:g}" if args.max_layer is not None else ""}[args.target]
+    for row in rows:
+        row["target"] = goal
     if args.csv:
         write_csv(rows, args.csv)
     if args.json:
