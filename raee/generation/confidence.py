@@ -142,6 +142,11 @@ class ConfidenceGeneration(GenerationExit):
         if path is not None and path.exists():
             try:
                 result = json.loads(path.read_text())["result"] | {"cached": True}
+                if "full" not in result:  # written before the full model's point was stored: rebuilt from its figures
+                    layers = float(backbone.num_layers)
+                    result["full"] = {"value": None, "accuracy": result["validation"]["full_accuracy"],
+                                      "mean_exit_layer": layers, "mean_layers_computed": layers,
+                                      "flops_speedup": 1.0, "num_examples": result["num_examples"]}
             except (OSError, json.JSONDecodeError, KeyError):
                 result = None  # damaged: calibrate again and overwrite
         if result is None:
@@ -149,6 +154,9 @@ class ConfidenceGeneration(GenerationExit):
             if path is not None:
                 atomic_write_text(path, json.dumps({"description": description, "result": result}, indent=1,
                                                    default=str))
+        # the cache holds measurements (the curve, the full model's); the choice is made again from them, so a
+        # change of the rule applies to cached calibrations too
+        result = result | self._choose(result["curve"], result["full"])
         self.threshold = math.inf if result["value"] is None else float(result["value"])
         self.calibration_result = result | {"cache_key": key}
         if result["value"] is None:
@@ -190,14 +198,17 @@ class ConfidenceGeneration(GenerationExit):
                 curve.append(point(self, float(value)))
         finally:
             self.threshold = before
+        return {"knob": "threshold", **self.calibration.describe(), "metric": "rougeL", "split": "validation",
+                "num_examples": full["num_examples"], "full": full, "curve": curve}
+
+    def _choose(self, curve: list[dict[str, Any]], full: dict[str, Any]) -> dict[str, Any]:
+        """The chosen threshold (None: no exit), whether it meets the target, and its validation figures."""
         # target=accuracy: no exit (the full model, value None) is a candidate too, so a grid whose every
         # threshold loses more than max_drop falls back to it rather than to the least bad threshold
         candidates = curve + ([{**full, "value": None}] if self.calibration.target == "accuracy" else [])
         chosen, met = choose_point(candidates, self.calibration, full["accuracy"])
-        return {"knob": "threshold", "value": chosen["value"], "met": met, **self.calibration.describe(),
-                "metric": "rougeL", "split": "validation", "num_examples": full["num_examples"],
+        return {"value": chosen["value"], "met": met,
                 "validation": {"accuracy": chosen["accuracy"], "full_accuracy": full["accuracy"],
                                "mean_exit_layer": chosen["mean_exit_layer"],
                                "mean_layers_computed": chosen["mean_layers_computed"],
-                               "flops_speedup": chosen["flops_speedup"]},
-                "curve": curve}
+                               "flops_speedup": chosen["flops_speedup"]}}
