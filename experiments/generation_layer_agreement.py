@@ -1,18 +1,24 @@
 """What every layer of a generation model predicts, teacher-forced on reference headlines (not a test).
 
     OMP_NUM_THREADS=1 python experiments/generation_layer_agreement.py paths.cache_dir=/work/cache \\
-        --examples 40 --weights zero_shot joint hashee --csv results/generation_layers/agreement.csv
+        --examples 40 --weights zero_shot joint hashee hashee_none --targets reference generated \\
+        --csv results/generation_layers/agreement.csv
 
 For the first N articles of ``--split`` (default validation) of ``+experiment=compare_generation`` (SmolLM2,
-data=bbcnews_headlines, its budget; any Hydra override is added), every article's prompt + reference headline
-(+ the end token, as the model writes it: :meth:`raee.generation.LMHead.encode_example`) runs through all L
-layers, and at every position that predicts a headline token the LM head is read at each layer l = 1..L (the
-final norm + LM head, as the joint loss, confidence exits and self-speculative drafts read it). Per layer:
+data=bbcnews_headlines, its budget; any Hydra override is added), every article's prompt + target headline runs
+through all L layers, and at every position that predicts a headline token the LM head is read at each layer
+l = 1..L (the final norm + LM head, as the joint loss, confidence exits and self-speculative drafts read it).
+Per layer:
 
 - ``agreement``: share of positions whose top-1 at layer l is the top-1 at layer L of the same weights (what a
   self-speculative draft from layer l and a confidence exit at l rely on);
-- ``ce``: mean cross-entropy of the reference tokens (nats; log V = 10.8 for a uniform guess over SmolLM2's
-  49,152 types), and ``accuracy``: share of positions whose top-1 is the reference token.
+- ``ce``: mean cross-entropy of the target tokens (nats; log V = 10.8 for a uniform guess over SmolLM2's
+  49,152 types), and ``accuracy``: share of positions whose top-1 is the target token.
+
+Targets (``--targets``, column ``targets``): ``reference``, the reference headline and the end token; ``generated``,
+the same weights' own greedy output (exit=full, the project's decoding loop), the tokens a self-speculative draft
+is verified against: there ``agreement`` at layer E is the share of first draft tokens from layer E that the
+verification would accept (with the whole vocabulary as draft rows).
 
 Weight sets (``--weights``): ``zero_shot`` (the backbone as loaded), ``joint`` (the shared fine-tune,
 head.finetune=joint), ``hashee`` (HashEE's own fine-tune, exit=hashee) and ``hashee_none`` (its no-exit reference,
@@ -56,7 +62,7 @@ WEIGHT_SETS = {
     "hashee_none": ["exit=hashee", "exit.hash=none"],
 }
 #: the CSV's columns
-COLUMNS = ("weights", "exits", "layer", "num_layers", "positions", "agreement", "ce", "accuracy", "finetune_key")
+COLUMNS = ("weights", "targets", "exits", "layer", "num_layers", "positions", "agreement", "ce", "accuracy", "finetune_key")
 #: the exit strategy whose hash gives the ``exits=hash`` rows
 HASH_OVERRIDES = ["exit=hashee"]
 
@@ -137,20 +143,17 @@ class LayerTally:
 
 
 @torch.no_grad()
-def layer_agreement(backbone: Any, head: Any, pairs: Sequence[tuple[str, str]], *, batch_size: int = 8,
+def layer_agreement(backbone: Any, encoded: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 8,
                     hash_exits: Any = None, progress: bool = True, label: str = "") -> list[dict[str, Any]]:
     """Rows (layer 1..L, then one ``exits=hash`` row when ``hash_exits`` is a HashEE strategy) of the LM head's
-    readings at every layer on the teacher-forced (source, reference) ``pairs``; see the module docstring."""
+    readings at every layer, teacher-forced on ``encoded`` (prompt ids, target ids) pairs; see the module
+    docstring."""
     from raee.generation.lm_losses import prediction_positions
     from raee.generation.step import forward_with_exits
     from raee.generation.trainer import collate_pairs, reads_of
 
     L = backbone.num_layers
     pad_id = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
-    encoded = []
-    for source, target in pairs:
-        ids, prompt_len = head.encode_example(source, target)
-        encoded.append((ids[:prompt_len], ids[prompt_len:]))
     tally, hashed = LayerTally(L), LayerTally(1)
     exit_layers = 0.0
     started = time.perf_counter()
@@ -180,23 +183,51 @@ def layer_agreement(backbone: Any, head: Any, pairs: Sequence[tuple[str, str]], 
     return out
 
 
-def evaluation_pairs(datamodule: Any, split: str, examples: int) -> list[tuple[str, str]]:
+def reference_targets(head: Any, datamodule: Any, split: str, examples: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reference ids + the end token) of the first ``examples`` articles of ``split``, encoded as the
+    fine-tunes see them (:meth:`raee.generation.LMHead.encode_example`)."""
     data = datamodule.split(split)
     if data.targets is None:
         raise UserError("the data is not a generation task: use data=bbcnews_headlines (the default here) or "
                         "data.task_type=generation with data.target_column")
-    n = min(examples, len(data.texts))
-    return list(zip(data.texts[:n], data.targets[:n]))
+    encoded = []
+    for source, target in zip(data.texts[:examples], data.targets[:examples]):
+        ids, prompt_len = head.encode_example(source, target)
+        encoded.append((ids[:prompt_len], ids[prompt_len:]))
+    return encoded
+
+
+def generated_targets(backbone: Any, head: Any, datamodule: Any, split: str, examples: int
+                      ) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, the full model's own greedy output ids) of the first ``examples`` articles of ``split``: the
+    tokens a self-speculative draft is verified against (the project's decoding loop, exit=full)."""
+    from raee.generation.evaluate import decode_split
+    from raee.generation.strategies import FullGeneration
+
+    if split not in ("validation", "test"):
+        raise UserError(f"--targets generated decodes --split {split}: use validation or test")
+    full = FullGeneration()
+    full.prepare(backbone, head)
+    run = decode_split(backbone, head, full, datamodule, split, warmup_batches=0, max_examples=examples,
+                       progress=False)
+    texts = datamodule.split(split).texts
+    return [(head.encode_prompt(texts[r["index"]]), list(r["tokens"])) for r in run.rows if r["tokens"]]
+
+
+TARGETS = ("reference", "generated")
 
 
 def run(weights: Sequence[str], overrides: Sequence[str], *, split: str = "validation", examples: int = 40,
         batch_size: int = 8, hash_exits: bool = True, experiment: str | None = "compare_generation",
-        train: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+        targets: Sequence[str] = ("reference",), train: bool = False, progress: bool = True) -> list[dict[str, Any]]:
     """The rows of every weight set in ``weights`` (names of :data:`WEIGHT_SETS`), each on a freshly loaded
     backbone (a fine-tune's cache key depends on the weights it starts from)."""
     unknown = [w for w in weights if w not in WEIGHT_SETS]
     if unknown:
         raise UserError(f"--weights {' '.join(unknown)}: choose among {', '.join(WEIGHT_SETS)}")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise UserError(f"--targets {' '.join(unknown)}: choose among {', '.join(TARGETS)}")
     base = ([f"+experiment={experiment}"] if experiment else []) + [f"data.max_eval_examples={examples}"]
     rows: list[dict[str, Any]] = []
     for name in weights:
@@ -210,21 +241,27 @@ def run(weights: Sequence[str], overrides: Sequence[str], *, split: str = "valid
                   f"{('fine-tune ' + key + (' (loaded)' if budget.get('loaded') else ' (trained now)')) if key else 'as loaded'}"
                   f" [{time.perf_counter() - started:.0f} s]", flush=True)
         hasher = (hash_strategy([*base, *HASH_OVERRIDES, *overrides], backbone, head) if hash_exits else None)
-        pairs = evaluation_pairs(datamodule, split, examples)
-        found = layer_agreement(backbone, head, pairs, batch_size=batch_size, hash_exits=hasher, progress=progress,
-                                label=name)
-        rows += [{"weights": name, **r, "finetune_key": key} for r in found]
+        for kind in targets:
+            started = time.perf_counter()
+            encoded = (reference_targets(head, datamodule, split, examples) if kind == "reference"
+                       else generated_targets(backbone, head, datamodule, split, examples))
+            if progress:
+                print(f"  {name}: {len(encoded)} {kind} targets, {sum(len(t) for _, t in encoded)} tokens "
+                      f"[{time.perf_counter() - started:.0f} s]", flush=True)
+            found = layer_agreement(backbone, encoded, batch_size=batch_size, hash_exits=hasher, progress=progress,
+                                    label=f"{name} ({kind})")
+            rows += [{"weights": name, "targets": kind, **r, "finetune_key": key} for r in found]
         del cfg, backbone, head, generator, datamodule, hasher
         gc.collect()
     return rows
 
 
 def format_rows(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [f"{'weights':<12} {'exits':<5} {'layer':>6} {'positions':>9} {'agreement':>9} {'CE (nats)':>9} "
+    lines = [f"{'weights':<12} {'targets':<9} {'exits':<5} {'layer':>6} {'positions':>9} {'agreement':>9} {'CE (nats)':>9} "
              f"{'accuracy':>8}"]
     for r in rows:
         layer = f"{r['layer']:.2f}" if r["exits"] == "hash" else str(r["layer"])
-        lines.append(f"{r['weights']:<12} {r['exits']:<5} {layer:>6} {r['positions']:>9} {r['agreement']:>9.3f} "
+        lines.append(f"{r['weights']:<12} {r['targets']:<9} {r['exits']:<5} {layer:>6} {r['positions']:>9} {r['agreement']:>9.3f} "
                      f"{r['ce']:>9.3f} {r['accuracy']:>8.3f}")
     return "\n".join(lines)
 
@@ -245,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. paths.cache_dir=/work/cache")
     parser.add_argument("--weights", nargs="+", default=["zero_shot", "joint", "hashee"], help=", ".join(WEIGHT_SETS))
+    parser.add_argument("--targets", nargs="+", default=["reference", "generated"], choices=list(TARGETS),
+                        help="teacher-force the reference headlines and / or the full model's own greedy output")
     parser.add_argument("--split", default="validation", choices=["train", "validation", "test"])
     parser.add_argument("--examples", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -258,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise UserError(f"--examples {args.examples}: give at least 1 article")
         print(f"load average at start: {os.getloadavg()}  threads: {torch.get_num_threads()}", flush=True)
         rows = run(args.weights, args.overrides, split=args.split, examples=args.examples,
-                   batch_size=args.batch_size, hash_exits=args.hash_exits, experiment=args.experiment or None)
+                   batch_size=args.batch_size, hash_exits=args.hash_exits, experiment=args.experiment or None,
+                   targets=args.targets)
         print(format_rows(rows))
         print(f"load average at end: {os.getloadavg()}", flush=True)
         if args.csv:
