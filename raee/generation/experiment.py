@@ -53,6 +53,22 @@ def refuse_on_classification(strategy: Any) -> None:
                         "exit=entropy")
 
 
+def prepare_generation(backbone: Any, head: Any, strategy: Any, datamodule: Any, *,
+                       cache_dir: str | Path | None = "artifacts/cache", progress: bool = True
+                       ) -> tuple[LMHead, GenerationExit]:
+    """The LM head and generation strategy of a run, bound to ``backbone`` with the weights the run evaluates: the
+    shared fine-tune (``head.finetune``) or the strategy's own (HashEE), each made once per content and reloaded
+    from ``cache_dir`` afterwards, and the strategy fitted (calibrated). ``datamodule`` must be set up."""
+    lm_head = generation_head(head, strategy)
+    generator = for_generation(strategy)
+    lm_head.bind(backbone, datamodule)
+    generator.validate(backbone.num_layers)
+    if not getattr(generator, "own_finetune", False):  # HashEE trains its own copy from the starting weights
+        lm_head.fit(backbone, datamodule, cache_dir=cache_dir, progress=progress)
+    generator.fit(backbone, lm_head, datamodule, cache_dir=cache_dir, progress=progress)
+    return lm_head, generator
+
+
 def evaluate_generation(backbone: Any, head: LMHead, strategy: GenerationExit, datamodule: Any, *,
                         split: str = "test", warmup_batches: int = 1, progress: bool = True) -> SplitRun:
     strategy.prepare(backbone, head)
@@ -202,13 +218,8 @@ def run_generation_experiment(backbone: Any, head: Any, strategy: Any, datamodul
     end, so a refused run leaves no file behind."""
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule.setup("test")  # data errors (missing / empty targets and sources) first
-    lm_head = generation_head(head, strategy)
-    generator = for_generation(strategy)
-    lm_head.bind(backbone, datamodule)
-    generator.validate(backbone.num_layers)
-    if not getattr(generator, "own_finetune", False):  # HashEE trains its own copy from the starting weights
-        lm_head.fit(backbone, datamodule, cache_dir=cache_dir, progress=progress)
-    generator.fit(backbone, lm_head, datamodule, cache_dir=cache_dir, progress=progress)
+    lm_head, generator = prepare_generation(backbone, head, strategy, datamodule, cache_dir=cache_dir,
+                                            progress=progress)
     full = None
     if compare_full and not isinstance(generator, FullGeneration):
         full = evaluate_generation(backbone, lm_head, generator.wall_clock_reference(), datamodule, split=split,
