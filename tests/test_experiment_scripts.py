@@ -1,4 +1,4 @@
-"""experiments/calibration_curve.py: a cached calibration record as a CSV, the choice made by today's rule."""
+"""Small experiments/ scripts: calibration_curve.py (a cached calibration as a CSV) and compare_predictions.py."""
 
 from __future__ import annotations
 
@@ -47,3 +47,17 @@ def test_a_good_enough_threshold_is_chosen_and_bad_input_is_refused(tmp_path):
     bad.write_text(json.dumps({"result": {"value": 1}}))
     with pytest.raises(ValueError, match="no calibration curve"):
         module.main([str(bad)])
+
+
+def test_compare_predictions_counts_the_same_outputs_by_index(tmp_path):
+    spec = importlib.util.spec_from_file_location("compare_predictions", SCRIPT.parent / "compare_predictions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pd.DataFrame({"index": [0, 1, 2], "generated": ["a b", "c", ""]}).to_csv(tmp_path / "a.csv", index=False)
+    pd.DataFrame({"index": [2, 1, 0, 3], "generated": ["", "x", "a b", "d"]}).to_csv(tmp_path / "b.csv", index=False)
+    out = tmp_path / "same.csv"
+    assert module.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--csv", str(out), "--label", "t"]) == 0
+    row = pd.read_csv(out, keep_default_na=False).iloc[0]
+    assert (row["examples"], row["same"], row["only_in_b"], str(row["first_differing"])) == (3, 2, 1, "1")
+    with pytest.raises(FileNotFoundError, match="predictions.csv"):
+        module.main([str(tmp_path / "missing.csv"), str(tmp_path / "b.csv")])
