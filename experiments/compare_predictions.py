@@ -43,10 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", type=Path)
     parser.add_argument("b", type=Path)
-    parser.add_argument("--label", default="", help="a name for the row (e.g. 'self_speculative vs full')")
+    parser.add_argument("--label", default="",
+                        help="the row's name in the CSV's comparison column (e.g. 'self_speculative vs full')")
     parser.add_argument("--csv", type=Path, help="append the row to this CSV (written atomically)")
     args = parser.parse_args(argv)
-    row = {"label": args.label, **compare(read_predictions(args.a), read_predictions(args.b)),
+    row = {"comparison": args.label, **compare(read_predictions(args.a), read_predictions(args.b)),
            "a": str(args.a), "b": str(args.b)}
     print(f"{row['same']} of {row['examples']} examples the same" +
           (f"; first differing: {row['first_differing']}" if row["first_differing"] else ""))
