@@ -159,3 +159,34 @@ def test_lm_head_builds_its_prompt_from_the_data_config(tiny_backbones):
     head = LMHead(dataset_prompts={"generation": {"template": "Text: {text}\nTitle:"}})
     head.bind(tiny_backbones["gpt2"])
     assert head.prompt_text("abc") == "Text: abc\nTitle:"
+
+
+def test_confidence_calibration_falls_back_to_no_exit_when_no_threshold_is_good_enough(tmp_path, monkeypatch):
+    """Every grid threshold loses more than max_drop on validation: the calibrated choice is the full model
+    (no exit, no LM-head checks), not the least bad threshold."""
+    import types
+
+    import raee.generation.evaluate as evaluate
+
+    def fake_decode_split(backbone, head, strategy, datamodule, split, **kwargs):
+        assert split == "validation"  # calibration never reads test
+        exits = isinstance(strategy, ConfidenceGeneration)
+        return types.SimpleNamespace(stats={"rougeL": 0.05 if exits else 0.30, "num_examples": 3,
+                                            "mean_exit_layer": 1.0 if exits else 4.0,
+                                            "flops_speedup": 4.0 if exits else 1.0})
+
+    monkeypatch.setattr(evaluate, "decode_split", fake_decode_split)
+    cfg = compose_cfg(csv_overrides(tmp_path) + ["exit=confidence", "exit.max_epochs=0"])
+    backbone, datamodule = instantiate(cfg.backbone), instantiate(cfg.data)
+    head = instantiate(cfg.head)
+    head.bind(backbone, datamodule)
+    strategy = ConfidenceGeneration(target="accuracy", max_drop=0.01, grid=[0.9, 0.5], calibration_examples=3)
+    strategy.prepare(backbone, head)
+    with pytest.warns(UserWarning, match="the calibrated choice is no exit"):
+        result = strategy.calibrate(backbone, head, datamodule, cache_dir=tmp_path / "cache", progress=False)
+    assert result["value"] is None and [p["value"] for p in result["curve"]] == [0.9, 0.5]
+    assert strategy.knobs()["threshold"] is None
+    assert not any(strategy.checks(layer) for layer in range(1, backbone.num_layers + 1))
+    with pytest.warns(UserWarning, match="no exit"):  # the cached choice reads back the same
+        strategy.calibrate(backbone, head, datamodule, cache_dir=tmp_path / "cache", progress=False)
+    assert strategy.knobs()["threshold"] is None

@@ -23,15 +23,18 @@ MISSING_BACKBONES = [b for b in LM_BACKBONES if not (Path(CONF_DIR) / "backbone"
 def test_experiment_sweeps_every_method_with_knn_over_both_lms_and_datasets(experiment):
     from omegaconf import OmegaConf
 
-    sweep = OmegaConf.load(Path(CONF_DIR) / "experiment" / f"{experiment}.yaml").hydra.sweeper.params
-    params = {k: str(v).split(",") for k, v in sweep.items()}
+    sweeper = OmegaConf.load(Path(CONF_DIR) / "experiment" / f"{experiment}.yaml").hydra.sweeper
+    params = {k: str(v).split(",") for k, v in sweeper.params.items()}
+    # the union sweeper's products (hydra/sweeper=union): every exit and key encoder any of them sweeps
+    exits = [e for sweep in sweeper.sweeps for e in str(sweep["exit"]).split(",")]
+    encoders = {str(sweep.get("key_encoder")) for sweep in sweeper.sweeps if sweep.get("key_encoder")}
     cfg = compose_cfg([f"+experiment={experiment}", "backbone=tiny_gpt2"])  # the LM configs may not be merged yet
     assert params["backbone"] == list(LM_BACKBONES) and params["data"] == ["rotten_tomatoes", "imdb"]
     if experiment == "raee_lm":
-        assert params["exit"] == ["full", "raee", "entropy", "patience", "oracle", "knn"]
+        assert exits == ["full", "raee", "entropy", "patience", "oracle", "knn", "raee_choice"]
         assert cfg.key_encoder._target_ == "raee.keys.SentenceEncoderKeys"
     else:
-        assert params["exit"] == ["raee", "knn"] and params["key_encoder"] == ["backbone", "sentence"]
+        assert set(exits) == {"full", "raee_choice", "knn", "raee"} and encoders == {"backbone", "sentence"}
     assert cfg.head._target_ == "raee.heads.PromptHead" and cfg.head.template is None  # the data's default prompt
     assert cfg.head.calibration == "content_free"
     assert cfg.aggregator.threshold == 0.9 and cfg.data.name == "rotten_tomatoes"

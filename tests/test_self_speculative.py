@@ -175,7 +175,10 @@ def test_a_run_reports_identical_output_acceptance_and_flops(tiny_backbones, tmp
         "full_mean_generated_tokens"]
     assert 0 < summary["acceptance_rate"] <= 1 and summary["tokens_per_round"] >= 1
     assert summary["flops_speedup"] < 1 and summary["mean_exit_layer"] == bb.num_layers
+    assert summary["same_as_full"] == summary["num_examples"] and summary["same_as_full_share"] == 1.0
     assert "drafts accepted" in format_generation_summary(summary)
+    assert f"the same text as the full model: {summary['num_examples']} of {summary['num_examples']}" in \
+        format_generation_summary(summary)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["acceptance_rate"] == summary["acceptance_rate"]
 
 

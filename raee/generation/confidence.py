@@ -21,6 +21,7 @@ weighing more) with the shared budget.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,9 @@ class ConfidenceGeneration(GenerationExit):
             raise UserError("exit.min_layer=0 would read the embeddings: give a layer >= 1")
 
     def knobs(self) -> dict[str, Any]:
-        knobs = {"measure": self.measure, "threshold": self.threshold, "min_layer": self.min_layer}
+        # a calibration that found no threshold good enough chose no exit (an infinite threshold): shown as None
+        threshold = self.threshold if math.isfinite(self.threshold) else None
+        knobs = {"measure": self.measure, "threshold": threshold, "min_layer": self.min_layer}
         if self.every != 1:
             knobs["every"] = self.every
         if self.finetune_settings["max_epochs"] > 0:
@@ -98,8 +101,8 @@ class ConfidenceGeneration(GenerationExit):
         return self.trained
 
     def checks(self, layer: int) -> bool:
-        """Whether the exit is considered after ``layer``."""
-        return layer >= self.min_layer and (layer - self.min_layer) % self.every == 0
+        """Whether the exit is considered after ``layer`` (never under no exit: a check costs an LM-head read)."""
+        return math.isfinite(self.threshold) and layer >= self.min_layer and (layer - self.min_layer) % self.every == 0
 
     # ------------------------------------------------------------------ the rule
     def should_exit(self, layer: int, logits: torch.Tensor | None, hidden: torch.Tensor | None = None,
@@ -139,6 +142,11 @@ class ConfidenceGeneration(GenerationExit):
         if path is not None and path.exists():
             try:
                 result = json.loads(path.read_text())["result"] | {"cached": True}
+                if "full" not in result:  # written before the full model's point was stored: rebuilt from its figures
+                    layers = float(backbone.num_layers)
+                    result["full"] = {"value": None, "accuracy": result["validation"]["full_accuracy"],
+                                      "mean_exit_layer": layers, "mean_layers_computed": layers,
+                                      "flops_speedup": 1.0, "num_examples": result["num_examples"]}
             except (OSError, json.JSONDecodeError, KeyError):
                 result = None  # damaged: calibrate again and overwrite
         if result is None:
@@ -146,9 +154,20 @@ class ConfidenceGeneration(GenerationExit):
             if path is not None:
                 atomic_write_text(path, json.dumps({"description": description, "result": result}, indent=1,
                                                    default=str))
-        self.threshold = float(result["value"])
+        # the cache holds measurements (the curve, the full model's); the choice is made again from them, so a
+        # change of the rule applies to cached calibrations too
+        result = result | self._choose(result["curve"], result["full"])
+        self.threshold = math.inf if result["value"] is None else float(result["value"])
         self.calibration_result = result | {"cache_key": key}
-        if not result["met"]:
+        if result["value"] is None:
+            best = max(result["curve"], key=lambda p: p["accuracy"])
+            warnings.warn(f"confidence: no threshold in the grid meets {self.calibration.describe()} on the "
+                          f"validation split (the best, threshold={best['value']:g}, scores ROUGE-L "
+                          f"{best['accuracy']:.4f} against the full model's "
+                          f"{result['validation']['full_accuracy']:.4f}): the calibrated choice is no exit, "
+                          "the full model; try a higher exit.min_layer, a longer fine-tune or exit.grid values "
+                          "closer to 1", stacklevel=2)
+        elif not result["met"]:
             warnings.warn(f"confidence: no threshold in the grid meets {self.calibration.describe()} on the "
                           f"validation split; using threshold={self.threshold:g} (validation ROUGE-L "
                           f"{result['validation']['accuracy']:.4f}, full model "
@@ -179,11 +198,17 @@ class ConfidenceGeneration(GenerationExit):
                 curve.append(point(self, float(value)))
         finally:
             self.threshold = before
-        chosen, met = choose_point(curve, self.calibration, full["accuracy"])
-        return {"knob": "threshold", "value": chosen["value"], "met": met, **self.calibration.describe(),
-                "metric": "rougeL", "split": "validation", "num_examples": full["num_examples"],
+        return {"knob": "threshold", **self.calibration.describe(), "metric": "rougeL", "split": "validation",
+                "num_examples": full["num_examples"], "full": full, "curve": curve}
+
+    def _choose(self, curve: list[dict[str, Any]], full: dict[str, Any]) -> dict[str, Any]:
+        """The chosen threshold (None: no exit), whether it meets the target, and its validation figures."""
+        # target=accuracy: no exit (the full model, value None) is a candidate too, so a grid whose every
+        # threshold loses more than max_drop falls back to it rather than to the least bad threshold
+        candidates = curve + ([{**full, "value": None}] if self.calibration.target == "accuracy" else [])
+        chosen, met = choose_point(candidates, self.calibration, full["accuracy"])
+        return {"value": chosen["value"], "met": met,
                 "validation": {"accuracy": chosen["accuracy"], "full_accuracy": full["accuracy"],
                                "mean_exit_layer": chosen["mean_exit_layer"],
                                "mean_layers_computed": chosen["mean_layers_computed"],
-                               "flops_speedup": chosen["flops_speedup"]},
-                "curve": curve}
+                               "flops_speedup": chosen["flops_speedup"]}}

@@ -53,6 +53,22 @@ def refuse_on_classification(strategy: Any) -> None:
                         "exit=entropy")
 
 
+def prepare_generation(backbone: Any, head: Any, strategy: Any, datamodule: Any, *,
+                       cache_dir: str | Path | None = "artifacts/cache", progress: bool = True
+                       ) -> tuple[LMHead, GenerationExit]:
+    """The LM head and generation strategy of a run, bound to ``backbone`` with the weights the run evaluates: the
+    shared fine-tune (``head.finetune``) or the strategy's own (HashEE), each made once per content and reloaded
+    from ``cache_dir`` afterwards, and the strategy fitted (calibrated). ``datamodule`` must be set up."""
+    lm_head = generation_head(head, strategy)
+    generator = for_generation(strategy)
+    lm_head.bind(backbone, datamodule)
+    generator.validate(backbone.num_layers)
+    if not getattr(generator, "own_finetune", False):  # HashEE trains its own copy from the starting weights
+        lm_head.fit(backbone, datamodule, cache_dir=cache_dir, progress=progress)
+    generator.fit(backbone, lm_head, datamodule, cache_dir=cache_dir, progress=progress)
+    return lm_head, generator
+
+
 def evaluate_generation(backbone: Any, head: LMHead, strategy: GenerationExit, datamodule: Any, *,
                         split: str = "test", warmup_batches: int = 1, progress: bool = True) -> SplitRun:
     strategy.prepare(backbone, head)
@@ -104,6 +120,7 @@ def build_generation_summary(run: SplitRun, strategy: GenerationExit, backbone: 
         "latency_speedup": (f["wall_time_s"] / stats["wall_time_s"]) if f.get("wall_time_s") and stats["wall_time_s"]
         else None,
         "full_reference": "full" if full is not None else None,
+        **same_as_full(run, full),
         "max_new_tokens": getattr(datamodule, "max_new_tokens", None),
         "max_source_tokens": head.max_source_tokens, "budget": strategy.budget() or head.budget(),
         "calibration": calibration_record(strategy), "strategy_stats": stats.get("strategy_stats"),
@@ -111,6 +128,16 @@ def build_generation_summary(run: SplitRun, strategy: GenerationExit, backbone: 
         "status": "ok", "version": raee.__version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return {k: _clean(v) for k, v in summary.items()}
+
+
+def same_as_full(run: SplitRun, full: SplitRun | None) -> dict[str, Any]:
+    """How many examples the method wrote exactly as the full model did (same text, compared per example index):
+    all of them for a lossless method such as self_speculative. Empty without a separate full-model pass."""
+    if full is None or full is run:
+        return {}
+    reference = {r["index"]: r["generated"] for r in full.rows}
+    same = sum(reference.get(r["index"]) == r["generated"] for r in run.rows)
+    return {"same_as_full": same, "same_as_full_share": same / len(run.rows) if run.rows else None}
 
 
 def calibration_record(strategy: Any) -> dict[str, Any] | None:
@@ -163,6 +190,9 @@ def format_generation_summary(summary: dict[str, Any]) -> str:
     if summary.get("acceptance_rate") is not None:
         lines.append(f"  drafts accepted: {num(100 * summary['acceptance_rate'], '.1f')}%   tokens per verification "
                      f"pass: {num(summary.get('tokens_per_round'))}")
+    if summary.get("same_as_full") is not None:
+        lines.append(f"  the same text as the full model: {summary['same_as_full']} of {summary['num_examples']} "
+                     "examples")
     if summary.get("budget"):
         b = summary["budget"]
         lines.append(f"  fine-tuned by {b.get('by')}: {b.get('epochs')} epochs, {b.get('steps')} steps, lr "
@@ -188,13 +218,8 @@ def run_generation_experiment(backbone: Any, head: Any, strategy: Any, datamodul
     end, so a refused run leaves no file behind."""
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule.setup("test")  # data errors (missing / empty targets and sources) first
-    lm_head = generation_head(head, strategy)
-    generator = for_generation(strategy)
-    lm_head.bind(backbone, datamodule)
-    generator.validate(backbone.num_layers)
-    if not getattr(generator, "own_finetune", False):  # HashEE trains its own copy from the starting weights
-        lm_head.fit(backbone, datamodule, cache_dir=cache_dir, progress=progress)
-    generator.fit(backbone, lm_head, datamodule, cache_dir=cache_dir, progress=progress)
+    lm_head, generator = prepare_generation(backbone, head, strategy, datamodule, cache_dir=cache_dir,
+                                            progress=progress)
     full = None
     if compare_full and not isinstance(generator, FullGeneration):
         full = evaluate_generation(backbone, lm_head, generator.wall_clock_reference(), datamodule, split=split,

@@ -30,7 +30,9 @@ COLUMNS = (
     "num_examples", "seed", "exit_layer_counts", "overrides", "sweep", "run_dir",
     # generation runs (raee.generation): the task type, quality and speed in their own units
     "task_type", "rougeL", "rouge1", "rouge2", "exact_match", "full_task_metric_value", "tokens_per_s",
-    "full_tokens_per_s", "prefill_flops_speedup", "decode_flops_speedup", "mean_generated_tokens")
+    "full_tokens_per_s", "prefill_flops_speedup", "decode_flops_speedup", "mean_generated_tokens",
+    "full_mean_generated_tokens", "prompt_mean_exit_layer", "decode_wall_speedup", "latency_speedup",
+    "acceptance_rate", "same_as_full_share")
 NUMERIC_COLUMNS = ("task_metric_value", "accuracy", "macro_f1", "mcc", "spearman", "mean_exit_layer",
                    "mean_layers_computed", "layer_speedup", "computed_layer_speedup", "layers_saved", "flops_speedup",
                    "key_layer_equivalents", "retrieval_layer_equivalents", "cost_layer_equivalents", "cost_speedup",
@@ -39,7 +41,9 @@ NUMERIC_COLUMNS = ("task_metric_value", "accuracy", "macro_f1", "mcc", "spearman
                    "retrieval_share", "full_accuracy", "oracle_accuracy", "oracle_mean_exit_layer", "val_accuracy",
                    "val_full_accuracy", "val_mean_layers_computed", "rougeL", "rouge1", "rouge2", "exact_match",
                    "full_task_metric_value", "tokens_per_s", "full_tokens_per_s", "prefill_flops_speedup",
-                   "decode_flops_speedup", "mean_generated_tokens")
+                   "decode_flops_speedup", "mean_generated_tokens", "full_mean_generated_tokens",
+                   "prompt_mean_exit_layer", "decode_wall_speedup", "latency_speedup", "acceptance_rate",
+                   "same_as_full_share")
 FAILED_COLUMNS = ("run_dir", "method", "data", "backbone", "head", "error", "overrides")
 HOW_TO_RUN = ("run a sweep first, e.g. `python -m raee.run -m +experiment=compare_all` or "
               "`python -m raee.run -m exit=full,entropy,raee`; each job writes summary.json into "
