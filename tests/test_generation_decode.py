@@ -275,3 +275,11 @@ def test_gemma3_270m_full_greedy_equals_transformers_generate():
     assert out.tokens[0] == hf_greedy(lm, ids, 8)
     s = hashee(bb, random_map(bb, seed=4))
     assert len(run(bb, s, [ids], n=4).tokens[0]) == 4
+
+
+def test_the_base_strategy_lets_no_token_leave_early():
+    from raee.generation.strategies import GenerationExit
+
+    base = GenerationExit()
+    assert not base.should_exit(3, torch.randn(4, 11)).any()
+    assert base.should_exit(3, None, hidden=torch.randn(2, 8)).shape == (2,)

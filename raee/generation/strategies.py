@@ -72,8 +72,10 @@ class GenerationExit:
                     previous: torch.Tensor | None = None) -> torch.Tensor:
         """Dynamic strategies: the read tokens still running at ``layer`` -> (n,) bool, True = leave now.
         logits: their (n, V) LM-head output (when :attr:`needs_logits`); hidden: their (n, H) states; previous:
-        their states at the previous layer checked (None at the first)."""
-        raise NotImplementedError
+        their states at the previous layer checked (None at the first). Default: no token leaves, as
+        :meth:`plan`'s default plans no exit; a dynamic strategy (``dynamic = True``) overrides this."""
+        rows = logits if logits is not None else hidden
+        return torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
 
     def wall_clock_reference(self) -> GenerationExit:
         """The full model to time this strategy against (same loop, no exits)."""
