@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # never touch the network from tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +29,18 @@ TINY_CONFIGS = {
                    num_key_value_heads=2, head_dim=8, intermediate_size=64, query_pre_attn_scalar=8,
                    sliding_window=4, sliding_window_pattern=2),
 }
+
+#: the repository's experiments/ scripts (not a package: loaded by path)
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def load_experiment(name: str) -> ModuleType:
+    """experiments/<name>.py as a module, so a test calls its functions and main() directly."""
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 #: opt-in for the real_lm tests (real causal LMs, minutes on 2 CPU cores)
 REAL_LM_ENV = "RAEE_REAL_LM"

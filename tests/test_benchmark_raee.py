@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -11,17 +9,11 @@ from raee.exits import BatchContext, FixedLayer
 from raee.features import encode_batch
 from raee.heads import PrototypeHead
 from raee.experiment import prepare_head
-from tests.conftest import toy_datamodule
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmark_raee.py"
-
+from tests.conftest import load_experiment, toy_datamodule
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_raee", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("benchmark_raee")
 
 
 def test_floor_cap_is_the_ratio_of_an_exit_without_overhead(bench):

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "calibration_curve.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("calibration_curve", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_experiment
 
 
 def record(values_scores, full_score, chosen):
@@ -33,14 +24,14 @@ def test_a_record_whose_thresholds_all_lose_chooses_no_exit(tmp_path):
     path = tmp_path / "record.json"
     path.write_text(json.dumps(record([(0.9, 0.0), (0.5, 0.0)], 0.25, chosen=0.9)))  # cached by the old rule
     out = tmp_path / "curve.csv"
-    assert load_script().main([str(path), "--csv", str(out)]) == 0
+    assert load_experiment("calibration_curve").main([str(path), "--csv", str(out)]) == 0
     frame = pd.read_csv(out, keep_default_na=False)
     assert list(frame["setting"]) == ["threshold 0.9", "threshold 0.5", "no exit (the full model)"]
     assert list(frame["chosen"]) == ["", "", "yes"]
 
 
 def test_a_good_enough_threshold_is_chosen_and_bad_input_is_refused(tmp_path):
-    module = load_script()
+    module = load_experiment("calibration_curve")
     rows = module.curve_rows(record([(0.9, 0.25), (0.5, 0.245)], 0.25, chosen=0.5))
     assert [r["chosen"] for r in rows] == ["yes", "", ""]  # both within one point: the fastest (fewest layers)
     bad = tmp_path / "bad.json"
@@ -50,9 +41,7 @@ def test_a_good_enough_threshold_is_chosen_and_bad_input_is_refused(tmp_path):
 
 
 def test_compare_predictions_counts_the_same_outputs_by_index(tmp_path):
-    spec = importlib.util.spec_from_file_location("compare_predictions", SCRIPT.parent / "compare_predictions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_experiment("compare_predictions")
     pd.DataFrame({"index": [0, 1, 2], "generated": ["a b", "c", ""]}).to_csv(tmp_path / "a.csv", index=False)
     pd.DataFrame({"index": [2, 1, 0, 3], "generated": ["", "x", "a b", "d"]}).to_csv(tmp_path / "b.csv", index=False)
     out = tmp_path / "same.csv"

@@ -4,25 +4,20 @@ with HashEE's exits), every layer L agreeing with itself, the CSV, and a missing
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
 from pathlib import Path
 
 import pytest
 
 from raee.errors import UserError
+from tests.conftest import load_experiment
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "generation_layer_agreement.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("generation_layer_agreement", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("generation_layer_agreement")
 
 
 def overrides(tmp_path: Path) -> list[str]:
