@@ -156,3 +156,19 @@ def toy_datamodule(n: int = 24, batch_size: int = 4) -> ListDataModule:
         texts.append(" ".join(words[i % 4:] + words[: i % 4]))
         labels.append(c)
     return ListDataModule(texts, labels, [t for t, _ in topics], batch_size=batch_size)
+
+
+def minilm_on_bbcnews(max_train_examples: int, max_eval_examples: int) -> tuple:
+    """The default configuration's real pieces (real_model tests): all-MiniLM-L6-v2, a seeded BBC News subsample
+    and its prototype head fitted -> (backbone, datamodule, head)."""
+    from raee.data import TextClassificationDataModule
+    from raee.experiment import prepare_head
+    from raee.heads import PrototypeHead
+
+    backbone = load_backbone("sentence-transformers/all-MiniLM-L6-v2")
+    data = TextClassificationDataModule("bbcnews", max_train_examples=max_train_examples,
+                                        max_eval_examples=max_eval_examples, seed=42)
+    data.setup()
+    head = PrototypeHead()
+    prepare_head(backbone, head, data, cache_dir=None, progress=False)
+    return backbone, data, head

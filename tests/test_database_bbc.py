@@ -8,18 +8,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from raee.aggregation import RobustAggregator
-from raee.backbones import load_backbone
-from raee.data import TextClassificationDataModule
 from raee.data.dataset import collate_batch
 from raee.database import build_database
 from raee.exit_loop import run_early_exit
 from raee.exits import BatchContext, RaeeExit
-from raee.experiment import prepare_head
 from raee.features import encode_batch
-from raee.heads import PrototypeHead
 from raee.keys import BackboneKeys
 from raee.retrieval import FaissRetriever
 from raee.retrieval.base import to_distances
+from tests.conftest import minilm_on_bbcnews
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
@@ -40,11 +37,7 @@ def in_memory(backbone, head, keys, split):
 
 
 def test_streaming_build_gives_the_neighbours_and_predictions_of_an_in_memory_build(tmp_path):
-    backbone = load_backbone("sentence-transformers/all-MiniLM-L6-v2")
-    data = TextClassificationDataModule("bbcnews", max_train_examples=120, max_eval_examples=30, seed=42)
-    data.setup()
-    head = PrototypeHead()
-    prepare_head(backbone, head, data, cache_dir=None, progress=False)
+    backbone, data, head = minilm_on_bbcnews(max_train_examples=120, max_eval_examples=30)
     keys, rule, k = BackboneKeys(layer=0), RobustAggregator(threshold=0.5, top_p=3), 12  # the default config
 
     # the streaming way: shards of 32 rows (4 shards), FAISS Flat, read back memory-mapped

@@ -277,15 +277,9 @@ def test_build_db_part_options_are_checked(tmp_path):
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_bbc_news_with_minilm_in_four_parts_equals_one_process(tmp_path):
-    from raee.backbones import load_backbone
-    from raee.data import TextClassificationDataModule
-    from raee.experiment import prepare_head
+    from tests.conftest import minilm_on_bbcnews
 
-    backbone = load_backbone("sentence-transformers/all-MiniLM-L6-v2")
-    data = TextClassificationDataModule("bbcnews", max_train_examples=200, max_eval_examples=40, seed=42)
-    data.setup()
-    head = PrototypeHead()
-    prepare_head(backbone, head, data, cache_dir=None, progress=False)
+    backbone, data, head = minilm_on_bbcnews(max_train_examples=200, max_eval_examples=40)
     keys = BackboneKeys(layer=0)  # the default config's keys and rule
     single = build_database(backbone, head, keys, FaissRetriever("Flat"), data, tmp_path / "single", shard_rows=25,
                             progress=False)
