@@ -19,6 +19,7 @@ import pandas as pd
 
 from raee.atomic import atomic_write_text
 from raee.errors import UserError
+from raee.generation.confidence import ConfidenceGeneration, stored_full_point
 
 
 def curve_rows(record: dict) -> list[dict]:
@@ -27,15 +28,10 @@ def curve_rows(record: dict) -> list[dict]:
     if not isinstance(result, dict) or "curve" not in result:
         raise UserError("no calibration curve in this file: give a <cache_dir>/calibration/<key>.json record or the "
                         "summary.json of a calibrated run")
-    layers = ((record.get("description") or {}).get("backbone") or {}).get("num_layers")
-    full = result.get("full") or {"value": None, "accuracy": result["validation"]["full_accuracy"],
-                                  "mean_exit_layer": layers, "mean_layers_computed": layers, "flops_speedup": 1.0,
-                                  "num_examples": result.get("num_examples")}
-    target = (record.get("description") or {}).get("target")
-    if target:  # the choice made again by today's rule (as the strategy does on loading its cache)
-        from raee.generation.confidence import ConfidenceGeneration
-
-        chosen = ConfidenceGeneration(**target)._choose(result["curve"], full)["value"]
+    description = record.get("description") or {}
+    full = stored_full_point(result, (description.get("backbone") or {}).get("num_layers"))
+    if description.get("target"):  # the choice made again by today's rule, as the strategy does on loading its cache
+        chosen = ConfidenceGeneration(**description["target"]).choose(result["curve"], full)["value"]
     else:
         chosen = result.get("value")
     rows = [{"setting": f"{result.get('knob', 'value')} {p['value']:g}", "value": p["value"],

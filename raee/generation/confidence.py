@@ -40,6 +40,16 @@ DEFAULT_GRIDS = {"softmax": (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2),
                  "saturation": (0.999, 0.998, 0.995, 0.99, 0.98, 0.95, 0.9)}
 
 
+def stored_full_point(result: dict[str, Any], num_layers: int | None) -> dict[str, Any]:
+    """The full model's validation point of a cached calibration record; a record written before that point was
+    stored gets it rebuilt from its figures (every layer, FLOPs speed-up 1; layers None when not known)."""
+    if "full" in result:
+        return result["full"]
+    layers = None if num_layers is None else float(num_layers)
+    return {"value": None, "accuracy": result["validation"]["full_accuracy"], "mean_exit_layer": layers,
+            "mean_layers_computed": layers, "flops_speedup": 1.0, "num_examples": result.get("num_examples")}
+
+
 def softmax_gap(logits: torch.Tensor) -> torch.Tensor:
     """(n, V) logits -> (n,) top-1 minus top-2 softmax probability."""
     top = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
@@ -142,11 +152,7 @@ class ConfidenceGeneration(GenerationExit):
         if path is not None and path.exists():
             try:
                 result = json.loads(path.read_text())["result"] | {"cached": True}
-                if "full" not in result:  # written before the full model's point was stored: rebuilt from its figures
-                    layers = float(backbone.num_layers)
-                    result["full"] = {"value": None, "accuracy": result["validation"]["full_accuracy"],
-                                      "mean_exit_layer": layers, "mean_layers_computed": layers,
-                                      "flops_speedup": 1.0, "num_examples": result["num_examples"]}
+                result["full"] = stored_full_point(result, backbone.num_layers)
             except (OSError, json.JSONDecodeError, KeyError):
                 result = None  # damaged: calibrate again and overwrite
         if result is None:
@@ -156,7 +162,7 @@ class ConfidenceGeneration(GenerationExit):
                                                    default=str))
         # the cache holds measurements (the curve, the full model's); the choice is made again from them, so a
         # change of the rule applies to cached calibrations too
-        result = result | self._choose(result["curve"], result["full"])
+        result = result | self.choose(result["curve"], result["full"])
         self.threshold = math.inf if result["value"] is None else float(result["value"])
         self.calibration_result = result | {"cache_key": key}
         if result["value"] is None:
@@ -201,7 +207,7 @@ class ConfidenceGeneration(GenerationExit):
         return {"knob": "threshold", **self.calibration.describe(), "metric": "rougeL", "split": "validation",
                 "num_examples": full["num_examples"], "full": full, "curve": curve}
 
-    def _choose(self, curve: list[dict[str, Any]], full: dict[str, Any]) -> dict[str, Any]:
+    def choose(self, curve: list[dict[str, Any]], full: dict[str, Any]) -> dict[str, Any]:
         """The chosen threshold (None: no exit), whether it meets the target, and its validation figures."""
         # target=accuracy: no exit (the full model, value None) is a candidate too, so a grid whose every
         # threshold loses more than max_drop falls back to it rather than to the least bad threshold
